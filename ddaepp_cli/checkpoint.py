@@ -1,0 +1,225 @@
+"""Self-describing, atomically written checkpoints (SPEC §3).
+
+    checkpoints/step-0001000/
+      model.safetensors   raw weights      (metadata: recipe YAML, step, kind)
+      ema.safetensors     EMA weights      (same metadata)
+      state.pt            optimizer, scheduler, scaler, EMA counter, step, data position,
+                          the shared batch generator and every rank's RNG state
+                          (tensors and plain Python values only: loaded with weights_only=True)
+      recipe.yaml         the resolved recipe that made it
+
+A checkpoint is written into `checkpoints/.tmp-step-…` and renamed into place, so a crash or a
+kill during a save never leaves a half-written `step-*` folder; the previous one stays intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UsageError
+from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
+
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous tensors: clone what needs it.
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    recipe: Recipe,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    state: dict[str, Any],
+    keep_last: int = 3,
+    milestones: tuple[int, ...] = (),
+) -> Path:
+    """Write checkpoint `step` atomically, then prune old ones (keep-last-K plus milestones)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    recipe_yaml = recipe_to_yaml(recipe)
+    meta = {"recipe": recipe_yaml, "step": str(step), "format": "ddaepp-1"}
+    try:
+        tmp.mkdir()
+        save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"), metadata={**meta, "kind": "raw"})
+        save_file(_state_dict_for_save(ema), str(tmp / "ema.safetensors"), metadata={**meta, "kind": "ema"})
+        torch.save(state, tmp / "state.pt")
+        (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+            old = root / f".old-{step_dir_name(step)}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(
+            f"could not write checkpoint {final}: {e.strerror or e}; earlier checkpoints are kept"
+        ) from None
+    prune_checkpoints(run_dir, keep_last=keep_last, milestones=milestones)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int, milestones: tuple[int, ...] = ()) -> None:
+    ckpts = list_checkpoints(run_dir)
+    keep = {s for s, _ in ckpts[-keep_last:]} | set(milestones)
+    for s, p in ckpts:
+        if s not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    # Leftovers of interrupted saves by earlier processes.
+    root = Path(run_dir) / "checkpoints"
+    for p in root.glob(".tmp-step-*"):
+        if not p.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """RUN_OR_CKPT → a checkpoint folder: a run folder gives its latest checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"no such run or checkpoint: {p}")
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            return p.parent
+        raise UsageError(f"{p} is not a run folder, checkpoint folder or .safetensors file")
+    if (p / "model.safetensors").exists() or (p / "ema.safetensors").exists():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise UsageError(f"{p} holds no checkpoint (expected {p}/checkpoints/step-*/ or model.safetensors)")
+    return latest
+
+
+def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; truncated/foreign files are a UsageError."""
+    if not file.is_file():
+        raise UsageError(f"missing weights file {file}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot read {file} (truncated or not a safetensors file): {first}") from None
+    return tensors, metadata
+
+
+def checkpoint_recipe(ckpt: Path) -> Recipe:
+    """The recipe stored with a checkpoint (recipe.yaml, else the weights' metadata)."""
+    import yaml
+
+    text = None
+    if (ckpt / "recipe.yaml").is_file():
+        text = (ckpt / "recipe.yaml").read_text(encoding="utf-8")
+    else:
+        for name in ("ema.safetensors", "model.safetensors"):
+            if (ckpt / name).is_file():
+                _, meta = read_weights(ckpt / name)
+                text = meta.get("recipe")
+                if text:
+                    break
+    if not text:
+        raise UsageError(f"{ckpt} carries no recipe (not written by ddaepp?)")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UsageError(f"{ckpt}: stored recipe is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{ckpt}: stored recipe is not a mapping")
+    return recipe_from_dict(raw)
+
+
+def load_weights_into(module: torch.nn.Module, file: Path, what: str) -> dict[str, str]:
+    """Strictly load a safetensors file into `module`, explaining any mismatch in one line."""
+    tensors, meta = read_weights(file)
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shape = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} with other shapes (e.g. {k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)})")
+        raise UsageError(f"{file} does not match the {what}: " + ", ".join(parts))
+    module.load_state_dict(tensors, strict=True)
+    return meta
+
+
+def load_training_state(ckpt: Path) -> dict[str, Any]:
+    file = ckpt / "state.pt"
+    if not file.is_file():
+        raise UsageError(f"missing training state {file}")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle refused by weights_only, …
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot read training state {file} (truncated or foreign file): {first[:200]}") from None

@@ -1,0 +1,109 @@
+"""Rectified flow in pixel space (Liu et al., 2023; DDAE++ App. A): x_t = (1 − t)·x0 + t·ε, v = ε − x0.
+
+Paper convention, t = 0 is data. The official RF code (gnobitab/RectifiedFlow) runs the mirrored
+time t_RF = 1 − t; conventions and constants are mapped in architecture.md §0.2 and §5.4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import UsageError
+from .base import Formulation, Prediction, expand_like
+
+# RF:ImageGeneration/losses.py and sampling.py keep t_RF ∈ [1e-3, 1] (eps = 1e-3): in paper time the
+# network trains on t ∈ [0, 1 − 1e-3] and RK45/Euler start at t = 1 − 1e-3 from pure noise.
+PIXEL_T_MAX = 1.0 - 1e-3
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """Timestep shift in paper time, t' = s·t / (1 + (s − 1)·t) (the SD3 shift, Esser et al. 2024).
+
+    s > 1 pushes steps towards noise (t near 1); s = 1 is the identity. DDAE++'s "3.3" is this form;
+    LightningDiT writes the mirrored map with s = 0.3 ≈ 1/3.3 (architecture.md §5.5).
+    """
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+class RF(Formulation):
+    """Linear interpolation between data and noise with velocity prediction.
+
+    `t_max` bounds training times and starts the samplers (official RF: 1 − 1e-3; latent RF as in
+    LightningDiT: 1.0). `shift` is the default timestep shift of the euler/ddim/heun grids.
+    """
+
+    name = "rf"
+    # rk45 first: DDAE++ Tab. 7 samples pixel RF with adaptive RK45 (140–160 NFE).
+    # "euler" and "ddim" are the same step, x' = (1 − t')·x̂0 + t'·ε̂ = x + (t' − t)·v.
+    samplers = ("rk45", "euler", "ddim", "heun")
+    default_steps = {"rk45": None, "euler": 100, "ddim": 100, "heun": 18}
+    clip_x0 = False  # the official RF samplers never clip; clipping also makes RK45's right-hand side kinked
+    _takes_shift = True
+
+    def __init__(self, t_max: float = PIXEL_T_MAX, shift: float = 1.0):
+        if not 0.0 < t_max <= 1.0:
+            raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
+        if not shift > 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        self.t_max = float(t_max)
+        self.shift = float(shift)
+
+    # ------------------------------------------------------------------ the forward process
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return 1.0 - torch.as_tensor(t, dtype=torch.float64)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return torch.as_tensor(t, dtype=torch.float64)
+
+    def alpha_dot(self, t: Tensor | float) -> float:
+        return -1.0
+
+    def sigma_dot(self, t: Tensor | float) -> float:
+        return 1.0
+
+    def sample_time(self, n: int, *, device: torch.device | str = "cpu", generator=None) -> Tensor:
+        return torch.rand(n, device=device, generator=generator) * self.t_max  # t ~ U[0, t_max)
+
+    def net_time(self, t: Tensor) -> Tensor:
+        # Raw paper t ∈ [0, 1], the same range and direction as DDPM's t/T, so the DDAE UNets'
+        # embedding sees what it sees under DDPM (official RF feeds 999·t_RF; architecture.md §5.4).
+        return t.to(torch.float32)
+
+    # ------------------------------------------------------------------ training and inference
+
+    def _loss_elements(self, out, x0, x_t, noise, t):
+        return (out - (noise - x0)) ** 2  # ‖v_θ(x_t, t) − (ε − x0)‖², unweighted (DDAE++ App. A)
+
+    def _prediction(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
+        t = expand_like(t, x_t)
+        return Prediction(x0=x_t - t * out, eps=x_t + (1.0 - t) * out)
+
+    def prior_scale(self) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------------ grids and CLI times
+
+    def _grid(self, sampler: str, steps: int | None, shift: float | None) -> Tensor:
+        if sampler == "rk45":
+            return torch.tensor([self.t_max, 0.0], dtype=torch.float64)  # official RF ends at data exactly
+        shift = self.shift if shift is None else float(shift)
+        if not shift > 0:
+            raise UsageError(f"timestep shift must be positive, got {shift}")
+        uniform = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        return self.t_max * shift_time(uniform, shift)
+
+    def parse_time(self, text: str) -> float:
+        """t in [0, 1] (`0.25`; DDAE++ probes pixel RF at 0.06, Tab. 9)."""
+        text = str(text).strip()
+        usage = f"rf time '{text}': give t in [0, 1] (0 is data, e.g. 0.25)"
+        try:
+            t = float(text)
+        except ValueError:
+            raise UsageError(usage) from None
+        if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise UsageError(usage)
+        return t

@@ -1,0 +1,23 @@
+"""Backbone registry: name → factory(**overrides) -> TapModule. A new backbone is one file plus one line here."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from torch import nn
+
+from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.nets.unet import build_unet
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "ddpm": partial(build_unet, "ddpm"),  # DDAE UNet, 35.7M (DDAE++ Tab. 8)
+    "ddpmpp": partial(build_unet, "ddpmpp"),  # simplified DDPM++, 56.5M
+}
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    """Build a registered backbone from its preset, with `kwargs` overriding preset values."""
+    if name not in BACKBONES:
+        raise UsageError(f"unknown backbone {name!r}; valid: {choices(BACKBONES)}")
+    return BACKBONES[name](**kwargs)

@@ -1,0 +1,455 @@
+"""Recipes: YAML → typed, frozen dataclasses (SPEC §2). Every default lives in this file.
+
+A recipe may start from another (`base: other.yaml`, resolved relative to the file) and override
+keys; `--set a.b=c` overrides are applied last, their values parsed as YAML (`--set
+train.lr=2e-4`, `--set model.selfcond.layer=out_7`, `--set train.betas=[0.9,0.95]`).
+
+Two sections are tagged unions: `model` is typed by `model.backbone` and `diffusion` by
+`diffusion.formulation`; each tag selects its own dataclass, so `--set diffusion.p_mean=-1`
+on a DDPM recipe is an unknown key, not a silently ignored one.
+
+Errors name the key path and the valid choices and exit 2 (`UsageError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import UsageError, choices
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data. `digits` ships with scikit-learn and needs no download."""
+
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "cifar10"
+    root: Optional[str] = None  # None: $DDAEPP_DATA, else ./data (see ddaepp_cli/data.py)
+    image_size: Optional[int] = None  # None: the dataset's native size (digits: 16)
+    hflip: bool = True  # random horizontal flip, batched on the device
+    download: bool = False  # fetch CIFAR with torchvision when online
+    num_workers: int = 4  # decoding workers for image folders (in-memory sets need none)
+
+
+@dataclass(frozen=True)
+class SelfCondConfig:
+    """DDAE++ §4.1: pooled layer feature → Linear → × s(t) → added to later blocks' embedding."""
+
+    layer: Optional[str] = None  # None: no self-conditioning; e.g. out_9 (Tab. 9)
+    mode: Literal["adaptive", "addition"] = "adaptive"  # Tab. 6a ablation: "addition" drops s(t)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """DDAE UNet (architecture.md §1). Defaults are the `ddpm` network (35,746,307 params)."""
+
+    backbone: Literal["ddpm", "ddpmpp"] = "ddpm"
+    channels: int = 128
+    ch_mults: tuple[int, ...] = (1, 2, 2, 2)
+    n_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    resample: Literal["conv", "biggan"] = "conv"
+    dropout: float = 0.1  # DDAE++ Tab. 7: 0.1 (DDPM, RF), 0.13 (EDM)
+    augment_dim: int = 0  # 9 with the non-leaky augmentation pipe (EDM)
+    selfcond: SelfCondConfig = field(default_factory=SelfCondConfig)
+
+
+@dataclass(frozen=True)
+class UNetPPConfig(UNetConfig):
+    """`ddpmpp`: simplified DDPM++ (56,524,291 params; DDAE++ App. B)."""
+
+    backbone: Literal["ddpm", "ddpmpp"] = "ddpmpp"
+    ch_mults: tuple[int, ...] = (2, 2, 2)
+    n_blocks: int = 4
+    resample: Literal["conv", "biggan"] = "biggan"
+
+
+MODEL_SCHEMAS: dict[str, type] = {"ddpm": UNetConfig, "ddpmpp": UNetPPConfig}
+
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    """DDPM (Ho et al.): T = 1000, linear β 1e-4…0.02, ε-prediction (architecture.md §5.1)."""
+
+    formulation: Literal["ddpm", "edm", "rf"] = "ddpm"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # DDAE's DDIM sampler uses its own 1001-point β table without the leading zero
+    # (architecture.md §5.1); true reproduces that quirk, false samples on the training schedule.
+    ddae_ddim_quirk: bool = False
+
+
+@dataclass(frozen=True)
+class EDMConfig:
+    """EDM (Karras et al.): σ_data 0.5, ln σ ~ N(−1.2, 1.2²), EDM weighting (architecture.md §5.2)."""
+
+    formulation: Literal["ddpm", "edm", "rf"] = "edm"
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002  # Heun schedule (EDM Eq. 5)
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+
+@dataclass(frozen=True)
+class RFConfig:
+    """Pixel rectified flow: x_t = (1−t)x0 + tε, velocity ε − x0 (DDAE++ App. A)."""
+
+    formulation: Literal["ddpm", "edm", "rf"] = "rf"
+
+
+DIFFUSION_SCHEMAS: dict[str, type] = {"ddpm": DDPMConfig, "edm": EDMConfig, "rf": RFConfig}
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """EMA of the weights. `warmup: inverse` reproduces ema-pytorch (DDAE, architecture.md §5.6):
+    decay_k = min(decay, 1 − (1 + k/inv_gamma)^(−power)); `none` is a constant decay."""
+
+    decay: float = 0.9999
+    warmup: Literal["none", "inverse"] = "none"
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. Global batch is kept constant for any process count (accumulation)."""
+
+    epochs: float = 2000
+    global_batch: int = 512
+    batch_per_process: Optional[int] = None  # micro-batch per forward; None: global/world (no accumulation)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_epochs: float = 13.0  # linear per-step warm-up over this many epochs
+    grad_clip: Optional[float] = 1.0  # None: no clipping (the norm is still logged)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU; CPU runs fp32 unless bf16 is forced
+    compile: bool = False  # torch.compile the backbone
+    channels_last: bool = False
+    seed: int = 0
+    log_every: int = 100  # steps between metrics.jsonl lines
+    checkpoint_every: int = 5000  # steps
+    keep_last: int = 3  # checkpoints kept, besides milestones
+    milestones: tuple[int, ...] = ()  # steps whose checkpoints are never deleted
+    sample_every: int = 5000  # steps between fixed-seed sample grids (0: never)
+    sample_grid: int = 64  # images in the grid
+    max_nonfinite: int = 10  # consecutive non-finite steps before training stops
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Defaults for `ddaepp sample` and the training grid."""
+
+    sampler: Optional[str] = None  # None: the formulation's default (ddpm: ddim, edm: heun, rf: rk45)
+    steps: Optional[int] = None  # None: the sampler's paper default (DDIM 100, Heun 18, …)
+    clip_x0: Optional[bool] = None  # clip x̂0 to [−1, 1] in the sampler; None: formulation default (DDPM/EDM on as DDAE, RF off)
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "unnamed"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: Union[DDPMConfig, EDMConfig, RFConfig] = field(default_factory=DDPMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        if t.global_batch <= 0:
+            raise UsageError(f"train.global_batch must be positive, got {t.global_batch}")
+        if t.batch_per_process is not None and t.batch_per_process <= 0:
+            raise UsageError(f"train.batch_per_process must be positive, got {t.batch_per_process}")
+        for key in ("epochs", "lr"):
+            if getattr(t, key) <= 0:
+                raise UsageError(f"train.{key} must be positive, got {getattr(t, key)}")
+        for key in ("log_every", "checkpoint_every", "keep_last", "sample_grid", "max_nonfinite"):
+            if getattr(t, key) <= 0:
+                raise UsageError(f"train.{key} must be positive, got {getattr(t, key)}")
+        if t.sample_every < 0 or t.warmup_epochs < 0 or t.weight_decay < 0:
+            raise UsageError("train.sample_every, train.warmup_epochs and train.weight_decay must be >= 0")
+        if not 0.0 <= t.ema.decay < 1.0:
+            raise UsageError(f"train.ema.decay must be in [0, 1), got {t.ema.decay}")
+        if self.sample.steps is not None and self.sample.steps <= 0:
+            raise UsageError(f"sample.steps must be positive, got {self.sample.steps}")
+        if self.sample.batch_size <= 0:
+            raise UsageError(f"sample.batch_size must be positive, got {self.sample.batch_size}")
+        if self.data.image_size is not None and self.data.image_size <= 0:
+            raise UsageError(f"data.image_size must be positive, got {self.data.image_size}")
+        if self.data.num_workers < 0:
+            raise UsageError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
+        if isinstance(self.model, UNetConfig) and self.model.augment_dim < 0:
+            raise UsageError(f"model.augment_dim must be >= 0, got {self.model.augment_dim}")
+
+
+# Tagged unions: section name → (tag key, {tag value: dataclass}).
+TAGGED = {"model": ("backbone", MODEL_SCHEMAS), "diffusion": ("formulation", DIFFUSION_SCHEMAS)}
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read one YAML mapping with the safe loader; missing/malformed files are a UsageError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"malformed YAML in {p}{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read recipe {p}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {p} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            # A different tag replaces the section instead of mixing two schemas' keys.
+            tag = TAGGED.get(k, (None,))[0]
+            if tag and tag in v and v[tag] != out[k].get(tag):
+                out[k] = dict(v)
+            else:
+                out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_raw(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file with its `base:` chain merged (base first), as a plain dict."""
+    p = Path(path).resolve()
+    if p in _seen:
+        chain = " -> ".join(str(s.name) for s in (*_seen, p))
+        raise UsageError(f"recipe base cycle: {chain}")
+    data = read_yaml(p)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UsageError(f"{p.name}: base must be a file name, got {base!r}")
+    return _merge(load_raw(p.parent / base, (*_seen, p)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (['a', 'b'], yaml_value(c))."""
+    if "=" not in text:
+        raise UsageError(f"--set expects KEY=VALUE with a dotted key, got {text!r}")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UsageError(f"--set: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UsageError(f"--set {key}: value {raw!r} is not valid YAML") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise UsageError(f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        if parts[0] in TAGGED and len(parts) == 2 and parts[1] == TAGGED[parts[0]][0]:
+            # Switching the tag (e.g. --set diffusion.formulation=edm) starts that section afresh.
+            node.clear()
+        node[parts[-1]] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + choices(typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against annotation `tp` (YAML types), converting lists to tuples."""
+    origin = typing.get_origin(tp)
+    bad = UsageError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UsageError(f"{path}: {value!r} is not one of {choices(typing.get_args(tp))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except UsageError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else bad
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UsageError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise UsageError(f"{path}: expected a section (mapping), got {value!r}")
+        return build_section(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `2e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `layer: 9` for DiT block names
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {path}")
+
+
+def build_section(cls: type, raw: dict, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with suggestions."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"unknown key '{where}'{hint}; valid keys: {choices(names)}")
+        tp = hints[key]
+        if path == "" and key in TAGGED:
+            tp = _tagged_schema(key, value)
+        kwargs[key] = _coerce(value, tp, where)
+    if path == "":
+        for key in TAGGED:  # an absent tagged section still gets its default schema
+            kwargs.setdefault(key, _tagged_schema(key, {})())
+    return cls(**kwargs)
+
+
+def _tagged_schema(section: str, value: Any) -> type:
+    tag, schemas = TAGGED[section]
+    if not isinstance(value, dict):
+        raise UsageError(f"{section}: expected a section (mapping), got {value!r}")
+    name = value.get(tag, next(iter(schemas)))
+    if name not in schemas:
+        raise UsageError(f"{section}.{tag}: {name!r} is not one of {choices(schemas)}")
+    return schemas[name]
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    return build_section(Recipe, raw, "")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file (with `base:` inheritance) and apply `--set` overrides."""
+    raw = load_raw(path)
+    raw.setdefault("name", Path(path).stem)
+    return recipe_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def recipe_to_dict(recipe: Any) -> dict:
+    """Plain, YAML/JSON-safe dict of a recipe (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def replace(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """A copy of `recipe` with `--set`-style overrides applied and re-validated."""
+    return recipe_from_dict(apply_overrides(recipe_to_dict(recipe), overrides))
+
+
+def diff_recipes(a: Recipe, b: Recipe) -> list[str]:
+    """Dotted keys whose values differ, e.g. ['train.lr: 0.0004 -> 0.0002']."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in list(x) + [k for k in y if k not in x]:
+                walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+        elif x != y:
+            out.append(f"{path}: {x!r} -> {y!r}")
+
+    walk(recipe_to_dict(a), recipe_to_dict(b), "")
+    return out

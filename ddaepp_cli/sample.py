@@ -1,0 +1,192 @@
+"""`ddaepp sample`: images from a checkpoint with per-sample seeds (EDM-style).
+
+Image i is a function of its seed alone: its initial noise (and any per-step noise) comes from
+a generator seeded by that seed, so the output does not depend on the batch size or on how the
+seeds are split across processes. Outputs: one PNG per seed (`000042.png`), an `.npz` with
+`arr_0` uint8 N×H×W×C (the ADM evaluator format) and a grid PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .build import build_backbone, build_formulation, dataset_geometry
+from .checkpoint import checkpoint_recipe, load_weights_into, resolve_checkpoint
+from .console import progress
+from .errors import UsageError, choices
+from .recipe import Recipe
+
+FORMATS = ("png", "npz", "grid")
+
+
+def load_model(run_or_ckpt: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu"):
+    """(recipe, network, checkpoint folder) rebuilt from the checkpoint alone."""
+    if weights not in ("ema", "raw"):
+        raise UsageError(f"--weights must be one of ema, raw; got {weights!r}")
+    ckpt = resolve_checkpoint(run_or_ckpt)
+    recipe = checkpoint_recipe(ckpt)
+    model = build_backbone(recipe)
+    file = ckpt / ("ema.safetensors" if weights == "ema" else "model.safetensors")
+    load_weights_into(model, file, f"{recipe.model.backbone} network of {ckpt}")
+    return recipe, model.to(device).eval().requires_grad_(False), ckpt
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, formulation, seeds: Sequence[int], *, shape: tuple[int, ...],
+             sampler: str | None = None, steps: int | None = None, clip: bool | None = None,
+             batch_size: int = 256, device: torch.device | str = "cpu", show_progress: bool = False,
+             ) -> torch.Tensor:
+    """uint8 images (N, C, H, W) for `seeds`, computed `batch_size` at a time."""
+    from .data import from_model_range
+    from .diffusion.samplers import sample as run_sampler
+    from .seeding import per_sample_randn
+
+    sampler = sampler or formulation.samplers[0]
+    if sampler not in formulation.samplers:
+        raise UsageError(f"sampler {sampler!r} is not available for {formulation.name}; "
+                         f"valid: {choices(formulation.samplers)}")
+    was_training = model.training
+    model.eval()
+    out = []
+    clip = formulation.clip_x0 if clip is None else clip
+    denoise = formulation.denoiser(model, clip=clip)
+    ctx = progress(len(seeds), "sample", "img") if show_progress else _null_progress()
+    with ctx as bar:
+        for i in range(0, len(seeds), batch_size):
+            chunk = list(seeds[i:i + batch_size])
+            x_T = per_sample_randn(chunk, shape, device=device, dtype=torch.float32) * formulation.prior_scale()
+            x0 = run_sampler(formulation, denoise, x_T, sampler=sampler, steps=steps, seeds=chunk, clip=clip)
+            out.append(from_model_range(x0.float()).cpu())
+            bar.update(len(chunk))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, *shape), dtype=torch.uint8)
+
+
+class _null_progress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1, extra: str = "") -> None:
+        pass
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """A square-ish grid PNG of uint8 images (N, C, H, W), written atomically."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n = images.shape[0]
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=255)  # (C, H, W) uint8
+    arr = grid.permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def write_outputs(images: torch.Tensor, seeds: Sequence[int], out_dir: Path, formats: Sequence[str],
+                  record: dict[str, Any]) -> dict[str, str]:
+    """PNG folder / npz / grid into `out_dir` (built in a temporary folder, then renamed)."""
+    from PIL import Image
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    written = {}
+    try:
+        arr = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) uint8
+        if "png" in formats:
+            for img, seed in zip(arr, seeds):
+                Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(tmp / f"{seed:06d}.png")
+            written["png"] = str(out_dir)
+        if "npz" in formats:
+            np.savez(tmp / "samples.npz", arr_0=arr)
+            written["npz"] = str(out_dir / "samples.npz")
+        if "grid" in formats:
+            save_grid(images[:256], tmp / "grid.png")
+            written["grid"] = str(out_dir / "grid.png")
+        (tmp / "protocol.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()  # only an empty folder gets here (checked by the caller)
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"could not write samples to {out_dir}: {e.strerror or e}") from None
+    return written
+
+
+def parse_formats(text: str) -> list[str]:
+    fmts = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise UsageError(f"--format: {', '.join(bad) or 'empty'} not valid; choose from {choices(FORMATS)}")
+    return fmts
+
+
+def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampler: str | None,
+                   steps: int | None, weights: str, formats: list[str], batch_size: int | None,
+                   clip: bool | None, force: bool = False) -> dict[str, Any]:
+    """Library entry of `ddaepp sample` (multi-process aware: seeds are sharded, rank 0 writes)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from . import __version__
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = state.device
+    recipe, model, ckpt = load_model(run_or_ckpt, weights, device)
+    formulation = build_formulation(recipe)
+    sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
+    steps = steps or recipe.sample.steps
+    clip = recipe.sample.clip_x0 if clip is None else clip
+    clip = formulation.clip_x0 if clip is None else clip
+    batch_size = batch_size or recipe.sample.batch_size
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--steps must be positive, got {steps}")
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    out_dir = Path(out) if out else run_dir / "samples" / (
+        f"{ckpt.name}-{weights}-{sampler}{steps or ''}-seeds{seeds[0]}-{seeds[-1]}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not force:
+            raise UsageError(f"output folder {out_dir} exists and is not empty; choose another --out (or --force)")
+        if state.is_main_process:
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    channels, size, _ = dataset_geometry(recipe.data)
+    shape = (channels, size, size)
+    mine = seeds[state.process_index::state.num_processes]
+    images = generate(model, formulation, mine, shape=shape, sampler=sampler, steps=steps, clip=clip,
+                      batch_size=batch_size, device=device, show_progress=True)
+    if state.num_processes > 1:
+        parts = gather_object([(mine, images)])
+        order = {}
+        for s_list, imgs in parts:
+            for s, img in zip(s_list, imgs):
+                order[s] = img
+        images = torch.stack([order[s] for s in seeds])
+    record = {"command": "sample", "checkpoint": str(ckpt), "weights": weights, "sampler": sampler,
+              "steps": steps, "clip_x0": clip, "seeds": [seeds[0], seeds[-1]], "n": len(seeds),
+              "formulation": recipe.diffusion.formulation, "backbone": recipe.model.backbone,
+              "ddaepp": __version__, "torch": torch.__version__}
+    result = {"out": str(out_dir), **record}
+    if state.is_main_process:
+        result["written"] = write_outputs(images, seeds, out_dir, formats, record)
+    state.wait_for_everyone()
+    return result
