@@ -89,6 +89,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
 
     n = images.shape[0]
     nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    if images.shape[-1] < 32:  # tiny images (digits) are shown enlarged; PNG/npz keep native size
+        k = math.ceil(32 / images.shape[-1])
+        images = images.repeat_interleave(k, dim=-1).repeat_interleave(k, dim=-2)
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=255)  # (C, H, W) uint8
     arr = grid.permute(1, 2, 0).numpy()
     if arr.shape[2] == 1:

@@ -115,3 +115,14 @@ def test_sc_recipes_follow_table9():
         assert base.train.ema.decay == (0.9993 if edm else 0.9999)  # Tab. 7
         assert base.train.warmup_epochs == (200 if edm else 13)  # Tab. 10
         assert base.train.global_batch == (512 if name.endswith("_ddpm") else 256)  # Tab. 10
+
+
+def test_recipe_defaults_match_backbone_presets():
+    # The recipe schema passes every value explicitly; its defaults must be the presets' (one truth).
+    from ddaepp_cli.nets.unet import UNET_PRESETS
+    from ddaepp_cli.recipe import MODEL_SCHEMAS
+
+    for name in ("ddpm", "ddpmpp"):
+        cfg = MODEL_SCHEMAS[name]()
+        for key, value in UNET_PRESETS[name].items():
+            assert getattr(cfg, key) == value, (name, key)
