@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .recipe import DataConfig, Recipe
+from .recipe import PROBE_TIMES, DataConfig, Recipe, UViTConfig
 
 # Native geometry of the datasets, known without loading them (so `--dry-run` works offline).
 # CIFAR: 50,000 training images of 3×32×32; digits: see data.py (8×8 upsampled, 1 channel).
@@ -54,7 +54,11 @@ def backbone_kwargs(recipe: Recipe) -> dict:
     kw = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
     name = kw.pop("backbone")
     sc = kw.pop("selfcond")
-    kw.update(in_channels=channels, image_size=size, selfcond_layer=sc.layer, selfcond_mode=sc.mode)
+    kw.update(in_channels=channels, image_size=size)
+    if isinstance(m, UViTConfig):  # [CLS] self-conditioning is a token, not a module
+        kw.update(cls_token=sc.layer == "cls")
+    else:
+        kw.update(selfcond_layer=sc.layer, selfcond_mode=sc.mode)
     return {"name": name, **kw}
 
 
@@ -78,6 +82,43 @@ def build_formulation(recipe: Recipe):
     if "timesteps" in kw:  # recipe key `timesteps` is the paper's T
         kw["T"] = kw.pop("timesteps")
     return _build(name, **kw)
+
+
+def build_augment(recipe: Recipe):
+    """The EDM augmentation pipe of `recipe.augment`, or None when it is off."""
+    from .diffusion.augment import AugmentPipe
+
+    a = dataclasses.asdict(recipe.augment)
+    return AugmentPipe(**{k: v for k, v in a.items() if k != "enabled"}) if a["enabled"] else None
+
+
+def contrastive_layer(recipe: Recipe) -> str:
+    """The tap contrasted by self-distillation: `contrastive.layer`, else the self-conditioning feature."""
+    return recipe.contrastive.layer or recipe.model.selfcond.layer
+
+
+def build_contrastive(recipe: Recipe, model: torch.nn.Module, formulation):
+    """The MoCo v3 heads for `model` (None when contrastive learning is off); the layer is validated."""
+    c = recipe.contrastive
+    if not c.enabled:
+        return None
+    from .losses.contrastive import ContrastiveHead
+
+    layer = contrastive_layer(recipe)
+    model.resolve_layers([layer])  # UsageError listing the valid taps
+    text = c.target_t if c.target_t is not None else PROBE_TIMES[recipe.diffusion.formulation]
+    with torch.device("cpu"):  # a schedule look-up, even when the heads are built on `meta`
+        target = formulation.parse_time(text)
+    kw = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("enabled", "layer", "target_t")}
+    return ContrastiveHead(model.feature_dims[layer], layer=layer, target_time=target, **kw)
+
+
+def build_objective(recipe: Recipe, model: torch.nn.Module, formulation, net: torch.nn.Module | None = None):
+    """The training objective (losses/__init__.py) of `model`; `net` is what runs it (e.g. compiled)."""
+    from .losses import Objective
+
+    return Objective(net if net is not None else model, formulation, augment=build_augment(recipe),
+                     contrastive=build_contrastive(recipe, model, formulation))
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

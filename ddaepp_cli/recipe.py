@@ -77,7 +77,35 @@ class UNetPPConfig(UNetConfig):
     resample: Literal["conv", "biggan"] = "biggan"
 
 
-MODEL_SCHEMAS: dict[str, type] = {"ddpm": UNetConfig, "ddpmpp": UNetPPConfig}
+@dataclass(frozen=True)
+class UViTSelfCondConfig:
+    """DDAE++ §4.1, Fig. 2a: UViT self-conditions through one extra learnable [CLS] token that attends
+    with every token and travels through the long skips (no pooling, projection or scale)."""
+
+    layer: Optional[Literal["cls"]] = None  # "cls": add the [CLS] token (+512 params); its features are the `cls` tap
+
+
+@dataclass(frozen=True)
+class UViTConfig:
+    """UViT-S for CIFAR (official U-ViT; architecture.md §2): 44,255,328 params, 13 blocks."""
+
+    backbone: Literal["uvit"] = "uvit"
+    patch_size: int = 2
+    width: int = 512
+    depth: int = 12  # in- plus out-blocks (U-ViT's `depth`); 13 blocks with the middle one
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    # The time token is the raw sinusoid of time_scale × the formulation's network time (no MLP);
+    # 1000 × DDPM's t/T = the integer step t (U-ViT itself feeds 999·t; architecture.md §2.5).
+    time_scale: float = 1000.0
+    augment_dim: int = 0  # 9 with the non-leaky augmentation pipe: adds the augmentation token
+    cls_tap: str = "out_2"  # block whose output [CLS] the `cls` tap returns (Tab. 9 probes UViT-S at out_2)
+    mask_cls_aug: bool = True  # DDAE++ Fig. 2b: no direct attention between [CLS] and the aug token
+    selfcond: UViTSelfCondConfig = field(default_factory=UViTSelfCondConfig)
+
+
+MODEL_SCHEMAS: dict[str, type] = {"ddpm": UNetConfig, "ddpmpp": UNetPPConfig, "uvit": UViTConfig}
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,10 @@ class EDMConfig:
     sigma_min: float = 0.002  # Heun schedule (EDM Eq. 5)
     sigma_max: float = 80.0
     rho: float = 7.0
+    # EDM2's learned uncertainty weighting λ(σ)/e^u(σ)·‖D − y‖² + u(σ) (architecture.md §5.3); DDAE++
+    # App. B / Tab. 7 use it for EDM with augmentation ("to accelerate convergence"). +128 trainable
+    # parameters outside the network, used only in training.
+    uncertainty: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +146,64 @@ class RFConfig:
 
 
 DIFFUSION_SCHEMAS: dict[str, type] = {"ddpm": DDPMConfig, "edm": EDMConfig, "rf": RFConfig}
+
+
+# DDAE++ Tab. 9: the linear-probing time of each formulation, in `parse_time` syntax; contrastive
+# self-distillation extracts its targets there (DDAE++ App. B, end of "Feature extraction protocols").
+PROBE_TIMES = {"ddpm": "11", "edm": "idx:4", "rf": "0.06"}
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """EDM's non-leaky geometric augmentation (DDAE++ §4.2; edm `AugmentPipe`, architecture.md §6).
+
+    Each transform is applied with probability multiplier × p; the 9-d label of what was done
+    conditions the network (`model.augment_dim: 9`), and the zero label is what sampling and probing
+    feed. Defaults are EDM's CIFAR-10 settings (`--augment=0.12`); the dataset-level horizontal flip
+    (`data.hflip`) stays on top, as in DDAE.
+    """
+
+    enabled: bool = False
+    p: float = 0.12
+    xflip: float = 1e8  # "always considered": half the images are x-flipped (and labelled)
+    yflip: float = 1.0
+    scale: float = 1.0  # isotropic, 2^(scale_std · N(0, 1))
+    rotate_frac: float = 1.0  # arbitrary rotation, U(−π, π) · rotate_frac_max
+    aniso: float = 1.0  # anisotropic scale 2^(±aniso_std · N(0, 1)) along a random axis
+    translate_frac: float = 1.0  # fractional translation, N(0, 1) · translate_frac_std · size
+    scale_std: float = 0.2
+    rotate_frac_max: float = 1.0
+    aniso_std: float = 0.2
+    aniso_rotate_prob: float = 0.5
+    translate_frac_std: float = 0.125
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """Contrastive self-distillation (DDAE++ §4.2, App. A): MoCo v3 with the EMA model as teacher.
+
+    L = L_diff + weight · L_MoCo. Needs `augment.enabled` (the two views come from the pipe). The
+    paper fixes the feature, the teacher, the time-dependent head, the target time and γ; the heads'
+    sizes, τ, batch-norm and which views get the diffusion loss are our choices (MoCo v3's ViT
+    defaults) — see ddaepp_cli/losses/contrastive.py.
+    """
+
+    enabled: bool = False
+    weight: float = 0.01  # γ (Tab. 6d: 0.1 and 0.001 are worse)
+    # Tap whose (pooled) features are contrasted. None: the self-conditioning feature — the UNet's
+    # model.selfcond.layer, the UViT's `cls` token. Tab. 6e's "pooling of tokens": out_2 (UViT).
+    layer: Optional[str] = None
+    # Teacher time in `parse_time` syntax (`11`, `idx:4`, `0.06`). None: the Tab. 9 probing time
+    # (PROBE_TIMES). Tab. 6c's "minimal noise" (SD-DiT): ddpm 1, edm 0.002, rf 0.
+    target_t: Optional[str] = None
+    time_dependent: bool = True  # time embedding added before the projector (Tab. 6b; false = MoCo v3's head)
+    tau: float = 0.2  # MoCo v3 ViT temperature
+    hidden: int = 4096  # MoCo v3 mlp_dim
+    dim: int = 256  # MoCo v3 output dim
+    proj_layers: int = 3  # MoCo v3 ViT projector depth
+    pred_layers: int = 2  # MoCo v3 predictor depth
+    norm: Literal["batchnorm", "none"] = "batchnorm"  # MoCo v3's BN in the heads (SyncBN across processes)
+    diffusion_views: Literal["both", "first"] = "both"  # which views also get the diffusion loss
 
 
 @dataclass(frozen=True)
@@ -169,8 +259,10 @@ class SampleConfig:
 class Recipe:
     name: str = "unnamed"
     data: DataConfig = field(default_factory=DataConfig)
-    model: UNetConfig = field(default_factory=UNetConfig)
+    model: Union[UNetConfig, UViTConfig] = field(default_factory=UNetConfig)
     diffusion: Union[DDPMConfig, EDMConfig, RFConfig] = field(default_factory=DDPMConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -198,8 +290,28 @@ class Recipe:
             raise UsageError(f"data.image_size must be positive, got {self.data.image_size}")
         if self.data.num_workers < 0:
             raise UsageError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
-        if isinstance(self.model, UNetConfig) and self.model.augment_dim < 0:
+        if self.model.augment_dim < 0:
             raise UsageError(f"model.augment_dim must be >= 0, got {self.model.augment_dim}")
+        self._check_augment_and_contrastive()
+
+    def _check_augment_and_contrastive(self) -> None:
+        a, c, m = self.augment, self.contrastive, self.model
+        if a.enabled and m.augment_dim != 9:
+            raise UsageError(f"augment.enabled needs model.augment_dim: 9 (the label width), got {m.augment_dim}")
+        if not a.enabled and m.augment_dim:
+            raise UsageError(f"model.augment_dim {m.augment_dim} needs augment.enabled: true (or set it to 0)")
+        if not c.enabled:
+            return
+        if not a.enabled:
+            raise UsageError("contrastive.enabled needs augment.enabled: true (its two views come from the pipe)")
+        if c.layer is None and m.selfcond.layer is None:
+            raise UsageError("contrastive.layer is required without self-conditioning "
+                             "(e.g. the baseline's probing layer: out_7; out_2 for uvit)")
+        if not (c.weight >= 0 and c.tau > 0):
+            raise UsageError(f"contrastive.weight must be >= 0 and contrastive.tau > 0, got {c.weight}, {c.tau}")
+        for key in ("hidden", "dim", "proj_layers", "pred_layers"):
+            if getattr(c, key) < 1:
+                raise UsageError(f"contrastive.{key} must be >= 1, got {getattr(c, key)}")
 
 
 # Tagged unions: section name → (tag key, {tag value: dataclass}).

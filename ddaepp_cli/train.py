@@ -1,12 +1,18 @@
 """`ddaepp train`: the training loop (SPEC §3–4) on Hugging Face Accelerate.
 
 Randomness is split so that results do not depend on the process count:
-* per-sample randomness of the objective (flip bits, diffusion times, noise) is drawn for the
-  whole global batch from one shared generator (same seed, same state on every rank) and each
-  rank takes its slice — two processes see exactly the draws one process sees;
+* per-sample randomness of the objective (flip bits, augmentation parameters, the contrastive second
+  view, diffusion times, noise) is drawn for the whole global batch from one shared generator (same
+  seed, same state on every rank) and each rank takes its slice — two processes see exactly the draws
+  one process sees;
 * dropout uses the per-rank torch RNG (seed + rank).
 Both generators, the data position, optimizer, scaler and EMA counter are checkpointed, so
 re-running the same command continues exactly (same losses as an uninterrupted run on CPU).
+
+What is optimised is `losses.Objective`: the backbone plus the auxiliary modules (EDM2's
+uncertainty u(σ), the contrastive heads), wrapped together for DDP. The backbone's weights and EMA go
+into model/ema.safetensors; the auxiliary modules and their EMA (the teacher's projection head) are
+training-only and travel in state.pt.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .build import build_backbone, build_formulation, count_params, dataset_geometry, load_training_data
+from .build import (build_backbone, build_formulation, build_objective, count_params, dataset_geometry,
+                    load_training_data)
 from .checkpoint import (checkpoint_recipe, latest_checkpoint, load_training_state, load_weights_into,
                          save_checkpoint)
 from .console import info, progress
@@ -80,10 +87,14 @@ def dry_run(recipe: Recipe, world_size: int = 1, max_steps: int | None = None) -
     plan = make_plan(recipe, world_size, n, max_steps)
     model = build_backbone(recipe, device="meta")
     total, trainable = count_params(model)
+    formulation = build_formulation(recipe)
+    with torch.device("meta"):
+        aux = build_objective(recipe, model, formulation).aux
     return {
         "recipe": recipe_to_dict(recipe),
-        "params": total,
+        "params": total,  # the network (what model/ema.safetensors hold)
         "trainable_params": trainable,
+        "aux_params": sum(p.numel() for p in aux.parameters()),  # training-only: heads, u(σ)
         "dataset_size": n,
         **{k: getattr(plan, k) for k in plan.__dataclass_fields__},
     }
@@ -158,7 +169,11 @@ def effective_precision(recipe: Recipe, device: torch.device) -> str:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms (1-d tensors) and what the model names in `no_weight_decay()`."""
+    """No weight decay on biases, norms (1-d tensors) and what the model names in `no_weight_decay()`.
+
+    UViT (DDAE++ App. B): the positional embedding is named there, while the [CLS] token (1, 1, D)
+    keeps its decay.
+    """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -171,12 +186,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(recipe: Recipe, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, model: torch.nn.Module, device: torch.device,
+                    aux: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """Adam/AdamW over the backbone, then the auxiliary modules (same rules, their own groups)."""
     t = recipe.train
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    groups = param_groups(model, t.weight_decay) if t.optimizer == "adamw" else \
-        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+    groups = []
+    for module in (model, aux):
+        if module is None or not any(p.requires_grad for p in module.parameters()):
+            continue
+        groups += param_groups(module, t.weight_decay) if t.optimizer == "adamw" else \
+            [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
     return cls(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, **fast)
 
 
@@ -278,8 +299,14 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
     model = build_backbone(recipe).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, decay=t.ema.decay, warmup=t.ema.warmup, inv_gamma=t.ema.inv_gamma, power=t.ema.power)
-    optimizer = build_optimizer(recipe, model, device)
+    objective = build_objective(recipe, model, formulation, net=torch.compile(model) if t.compile else model)
+    aux = objective.aux.to(device)  # EDM2 u(σ), contrastive heads (empty for a plain recipe)
+    if world > 1 and device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(aux)  # head BN statistics over all processes
+    ema_kw = dict(decay=t.ema.decay, warmup=t.ema.warmup, inv_gamma=t.ema.inv_gamma, power=t.ema.power)
+    ema = EMA(model, **ema_kw)
+    aux_ema = EMA(aux, **ema_kw) if len(aux.state_dict()) else None  # holds the teacher's projector
+    optimizer = build_optimizer(recipe, model, device, aux)
     shared = torch.Generator(device=device).manual_seed(t.seed)  # same on every rank
     start_step, nonfinite_total = 0, 0
 
@@ -289,6 +316,10 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
         load_weights_into(ema.module, resume_from / "ema.safetensors", f"{recipe.model.backbone} network")
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
+        if aux_ema is not None:
+            aux.load_state_dict(state["aux"])
+            aux_ema.module.load_state_dict(state["aux_ema"])
+            aux_ema.load_state_dict(state["ema"])
         shared.set_state(state["shared_generator"].to(shared.get_state().device))
         rngs = state["rng"]
         if len(rngs) != world:
@@ -314,8 +345,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                 "resumed_from": str(resume_from) if resume_from else None}
         _write_text_atomic(run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
 
-    net = torch.compile(model) if t.compile else model
-    net, optimizer = accelerator.prepare(net, optimizer)
+    net, optimizer = accelerator.prepare(objective, optimizer)  # DDP over backbone + aux together
     stream = BatchStream(dataset, global_batch=t.global_batch, rank=rank, world_size=world, seed=t.seed,
                          start_step=start_step, num_workers=recipe.data.num_workers if not dataset.in_memory else 0,
                          pin_memory=device.type == "cuda" and not dataset.in_memory,
@@ -336,6 +366,9 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                  "shared_generator": shared.get_state().cpu(), "rng": rngs,
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                  "data": stream.state_dict(), "nonfinite_total": nonfinite_total}
+        if aux_ema is not None:  # training-only modules: tensors, so weights_only loading works
+            state["aux"] = {k: v.detach().cpu() for k, v in aux.state_dict().items()}
+            state["aux_ema"] = {k: v.detach().cpu() for k, v in aux_ema.module.state_dict().items()}
         save_checkpoint(run_dir, step, recipe=recipe, model=model, ema=ema.module, state=state,
                         keep_last=t.keep_last, milestones=t.milestones)
 
@@ -347,9 +380,11 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
             save_grid(images, run_dir / "samples" / f"grid-{step:07d}.png")
 
     loss_sum = torch.zeros((), device=device)
+    part_sums: dict[str, torch.Tensor] = {}  # loss_diff, loss_moco with contrastive learning
+    teacher_aux = aux_ema.module if aux_ema is not None else None
     logged_steps, good_steps, consecutive_bad, last_log = 0, 0, 0, time.perf_counter()
     step = start_step
-    model.train()
+    objective.train()  # backbone, heads (batch-norm) and u(σ) (forced weight normalisation)
     with _StopFlag() as stop, progress(total_steps, "train", "step", start=start_step) as bar:
         while step < total_steps:
             images, _labels = next(batches)
@@ -361,29 +396,37 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
             if recipe.data.hflip:
                 flip = torch.rand(B, device=device, generator=shared)[lo:hi] < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            tt = formulation.sample_time(B, device=device, generator=shared)[lo:hi]
-            noise = torch.randn((B, *x.shape[1:]), device=device, generator=shared)[lo:hi]
+            draws = objective.draw(B, x.shape[1:], generator=shared, device=device)[lo:hi]
 
             step_loss = torch.zeros((), device=device)
+            step_parts: dict[str, torch.Tensor] = {}
             for m in range(plan.grad_accum):
                 sl = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
                 sync = nullcontext() if m == plan.grad_accum - 1 else accelerator.no_sync(net)
                 with sync, accelerator.autocast():
-                    out = formulation.loss(net, x[sl], t=tt[sl], noise=noise[sl])
-                    loss = out.loss.float().mean()
+                    batch = objective.batch(x[sl], draws[sl])  # views, their times, noise and labels
+                    keys = objective.teacher_keys(ema.module, teacher_aux, batch, draws[sl],
+                                                  gather=accelerator.gather, rank=rank)  # EMA teacher
+                    loss, parts = net(batch, keys)  # L_diff (+ γ·L_MoCo)
                     if step in faults:
                         loss = loss * float("nan")
                 accelerator.backward(loss / plan.grad_accum)
                 step_loss += loss.detach() / plan.grad_accum
+                for k, v in parts.items():
+                    step_parts[k] = step_parts.get(k, 0.0) + v / plan.grad_accum
 
             grad_norm = accelerator.clip_grad_norm_(net.parameters(), t.grad_clip if t.grad_clip else float("inf"))
-            finite = bool(torch.isfinite(grad_norm))  # the step's one host sync (non-finite guard)
+            finite = bool(torch.isfinite(grad_norm))  # host sync: non-finite guard (the aug pad margin is the other)
             if finite:
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(recipe, step, warm)
                 optimizer.step()
                 ema.update(model)
+                if aux_ema is not None:
+                    aux_ema.update(aux)
                 loss_sum += step_loss
+                for k, v in step_parts.items():
+                    part_sums[k] = part_sums.get(k, 0.0) + v
                 good_steps += 1
                 consecutive_bad = 0
             else:  # skipped: no update, not in the logged mean, counted in metrics.jsonl
@@ -404,6 +447,9 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                 rec = {"step": step, "epoch": step / plan.steps_per_epoch, "loss": mean_loss,
                        "grad_norm": float(grad_norm), "lr": lr_at(recipe, step - 1, warm),
                        "img_per_s": rate, "nonfinite_skipped": nonfinite_total}
+                for k, v in part_sums.items():  # means over the interval's good steps, like `loss`
+                    rec[k] = accelerator.reduce(v, "mean").item() / good_steps if good_steps else None
+                part_sums.clear()
                 if main:
                     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -10,18 +10,51 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import UsageError
 from .base import Formulation, Prediction, expand_like
+
+
+class Uncertainty(nn.Module):
+    """EDM2's learned loss log-variance u(c_noise) (edm2:training/networks_edm2.py `Precond.logvar_*`).
+
+    u = MPConv(128→1)(MPFourier(128)(c_noise)): fixed random Fourier features √2·cos(2π(f·c + φ)),
+    f ~ N(0, 1), φ ~ U(0, 1), then a bias-free, weight-normalised linear map (w/‖w‖/√128) whose stored
+    weight is re-normalised in every training forward ("forced weight normalisation"). 128 trainable
+    parameters. Buffers and weight come from a fixed seed, so every process builds the same module.
+    """
+
+    def __init__(self, channels: int = 128, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(channels, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=g))
+        self.weight = nn.Parameter(torch.randn(1, channels, generator=g))
+
+    @staticmethod
+    def _normalize(w: Tensor, eps: float = 1e-4) -> Tensor:  # edm2 `normalize` for a (1, C) weight
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float32)
+        return w / (eps + norm * math.sqrt(norm.numel() / w.numel())).to(w.dtype)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        """(B,) c_noise = ln(σ)/4 → (B,) float32 log-variance u."""
+        w = self.weight.float()
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(self._normalize(w))  # forced weight normalisation (EDM2 §2.3)
+        w = self._normalize(w) / math.sqrt(w.shape[1])  # magnitude-preserving scaling
+        feat = (c_noise.float()[:, None] * self.freqs + self.phases).cos() * math.sqrt(2)  # (B, C)
+        return (feat * w).sum(dim=1)  # (B,); elementwise, so autocast keeps it in float32
 
 
 class EDM(Formulation):
     """Variance-exploding diffusion in σ with EDM preconditioning: D = c_skip·x + c_out·F(c_in·x, c_noise).
 
     The loss is λ(σ)·(D − y)² averaged over elements as in DDAE (EDM sums over pixels: a constant
-    factor C·H·W apart). EDM2's learned uncertainty weighting (architecture.md §5.3) is a later
-    addition and belongs in `_loss_elements`; it never changes sampling.
+    factor C·H·W apart). `uncertainty=True` adds EDM2's learned weighting (DDAE++ App. B, used with
+    augmentation): λ(σ)/e^u(σ)·(D − y)² + u(σ), u = `Uncertainty`; a training-only module (the
+    trainer optimises and checkpoints `self.uncertainty`), never used in sampling.
     """
 
     name = "edm"
@@ -39,10 +72,12 @@ class EDM(Formulation):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         rho: float = 7.0,
+        uncertainty: bool = False,
     ):
         self.sigma_data = sigma_data
         self.p_mean, self.p_std = p_mean, p_std  # ln σ ~ N(P_mean, P_std²) in training
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho  # sampling schedule
+        self.uncertainty = Uncertainty() if uncertainty else None  # EDM2 log-variance u(σ)
 
     # ------------------------------------------------------------------ the forward process
 
@@ -89,7 +124,10 @@ class EDM(Formulation):
 
     def _loss_elements(self, out, x0, x_t, noise, t):
         weight = expand_like(self.loss_weight(t.to(torch.float64)), x0)
-        return weight * (self._denoised(out, x_t, t) - x0) ** 2  # λ(σ)·‖D − y‖²
+        if self.uncertainty is None:
+            return weight * (self._denoised(out, x_t, t) - x0) ** 2  # λ(σ)·‖D − y‖²
+        u = expand_like(self.uncertainty(self.net_time(t)), x0)  # (B, 1, 1, 1) log-variance of c_noise
+        return weight / u.exp() * (self._denoised(out, x_t, t) - x0) ** 2 + u  # EDM2Loss, per element
 
     def _prediction(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
         x0 = self._denoised(out, x_t, t)
