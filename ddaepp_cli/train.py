@@ -285,9 +285,12 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
-    resume_from = prepare_run_dir(run_dir, recipe, allow_recipe_change=allow_recipe_change) if main else None
-    resume_from = gather_object([str(resume_from) if resume_from else ""])[0] if world > 1 else resume_from
-    resume_from = Path(resume_from) if resume_from else None
+    # Every rank checks (read-only): a refusal then stops all ranks alike instead of leaving the
+    # others waiting in a collective. Rank 0's answer is used so all ranks resume the same step.
+    resume_from = prepare_run_dir(run_dir, recipe, allow_recipe_change=allow_recipe_change)
+    if world > 1:
+        resume_from = gather_object([str(resume_from) if resume_from else ""])[0]
+        resume_from = Path(resume_from) if resume_from else None
 
     dataset = load_training_data(recipe)
     plan = make_plan(recipe, world, len(dataset), max_steps)
