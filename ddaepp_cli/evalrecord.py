@@ -1,0 +1,128 @@
+"""Evaluation results on disk: `<run>/eval/<command>-<timestamp>.json` with the protocol record (SPEC §1, §3).
+
+Every evaluation command (probe, cka, align, noisy-classifier, …) writes its full result — the same
+object `--json` prints — next to the checkpoint it evaluated, so a number found later in a run
+folder says how it was measured: checkpoint and its weights hash, EMA or raw, dataset and its
+fingerprint, layers, timesteps, seeds, protocol settings and package versions. Files are written
+atomically (temporary file in the same folder, fsync, rename): a crash never leaves half a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .console import info
+
+
+def run_folder(ckpt: Path) -> Path:
+    """The run folder of a checkpoint (`runs/x/checkpoints/step-N` → `runs/x`); a loose checkpoint
+    folder's parent otherwise (the same rule as `ddaepp sample`'s default output)."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def checkpoint_step(ckpt: Path) -> int | None:
+    name = Path(ckpt).name
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 of what the evaluation reads: pixels and labels of in-memory sets (CIFAR: ~0.3 s), the
+    relative file list, sizes and labels of image folders (reading every pixel of ImageNet is not worth it)."""
+    h = hashlib.sha256()
+    if getattr(dataset, "in_memory", False):
+        h.update(dataset.images.contiguous().numpy().tobytes())
+        h.update(dataset.labels.contiguous().numpy().tobytes())
+    elif hasattr(dataset, "files"):
+        root = os.path.commonpath(dataset.files) if dataset.files else ""
+        for path, label in zip(dataset.files, dataset.file_labels):
+            h.update(f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\t{label}\n".encode())
+    else:  # a subset wrapper (features.Subset) exposes its parent and indices
+        h.update(dataset_fingerprint(dataset.parent).encode())
+        h.update(dataset.indices.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import numpy as np
+
+    from . import __version__
+
+    return {"ddaepp": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def checkpoint_record(ckpt: Path, weights: str, recipe) -> dict[str, Any]:
+    """What identifies the evaluated network: checkpoint, step, EMA or raw, the weights' sha256."""
+    ckpt = Path(ckpt)
+    file = ckpt / ("ema.safetensors" if weights == "ema" else "model.safetensors")
+    return {"checkpoint": str(ckpt), "step": checkpoint_step(ckpt), "weights": weights,
+            "weights_sha256": file_sha256(file) if file.is_file() else None,
+            "recipe": recipe.name, "backbone": recipe.model.backbone,
+            "formulation": recipe.diffusion.formulation, "selfcond_layer": recipe.model.selfcond.layer}
+
+
+def new_record_path(ckpt: Path, command: str) -> Path:
+    """A fresh `eval/<command>-<UTC timestamp>.json` path in the checkpoint's run folder."""
+    folder = run_folder(ckpt) / "eval"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, k = folder / f"{command}-{stamp}.json", 1
+    while path.exists() or path.with_suffix(".png").exists():  # two evaluations in the same second
+        k += 1
+        path = folder / f"{command}-{stamp}-{k}.json"
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_record(path: Path, result: dict[str, Any]) -> Path | None:
+    """Write `result` to `path`; a read-only run folder costs a warning, not the evaluation."""
+    try:
+        write_json_atomic(path, result)
+    except OSError as e:
+        info(f"warning: could not write the evaluation record {path}: {e.strerror or e}")
+        return None
+    return path
+
+
+def timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def device_record(device: torch.device, precision: str) -> dict[str, Any]:
+    d = {"device": str(device), "precision": precision, "argv": sys.argv[1:]}
+    if device.type == "cuda":
+        d["gpu"] = torch.cuda.get_device_name(device)
+    return d
