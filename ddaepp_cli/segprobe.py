@@ -1,0 +1,479 @@
+"""`ddaepp segprobe`: dense linear probing of frozen diffusion features — semantic segmentation on
+ADE20K / PASCAL VOC 2012, mIoU on the validation split (DDAE++ §5.2, App. B, Tab. 5, Tab. 10).
+
+Protocol (the paper's, following iBOT / DINOv2 linear segmentation):
+- every image is noised once at the probe time t (paper convention: RF t = 0.25 on ADE20K, 0.45 on
+  VOC; other formulations default to the same noise-to-signal ratio σ/α = t/(1−t)) with noise
+  seeded by the image's index, and the frozen backbone's features of two layers are read through
+  the feature-tap API (`features.noised_features`, one forward stopping after the deeper layer);
+- each layer's map is brought to one grid (default 16×16, the paper's 16² patch tokens): finer maps
+  are average-pooled, coarser ones bilinearly upsampled; transformer tokens (B, N, D) are first laid
+  out on their √N × √N patch grid. The maps are concatenated along channels;
+- head: LayerNorm + Linear at every location (a 1×1 convolution), logits upsampled bilinearly to the
+  label map (16× for 16 → 256), cross-entropy with ignore index 255;
+- Adam, lr 3e-3, cosine decay per step to 0, 30 epochs, batch 128, no augmentation (Tab. 10);
+- mIoU from the confusion matrix over the validation split (classes absent from both prediction and
+  ground truth are left out of the mean, as in mmsegmentation).
+
+Default layers — DiT-B's blocks 5 and 7 of 12, at the same relative depth: transformers (UViT, DiT)
+take blocks round(5/12·depth) and round(7/12·depth) in execution order (UViT-S: in_5, out_1); the
+UNets take the decoder blocks at 5/12 and 7/12 of the decoder (`ddpm` out_5, out_7; `ddpmpp` out_6,
+out_9), the decoder being where the DDAE UNets' semantic features live (DDAE++ Tab. 9).
+
+Features are computed once and kept in memory (bf16) when they fit (`--cache-features auto`); with
+`off` they are recomputed every epoch from the same per-image noise, so both give the same probe.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .console import info, progress
+from .errors import DdaeppError, UsageError, choices
+from .segdata import IGNORE, SPECS, SegmentationSet, voc_palette
+
+EPOCHS, LR, BATCH, GRID = 30, 3e-3, 128, 16  # DDAE++ Tab. 10 (dense probing), 16² patch grid
+RF_TIME = {"ade20k": 0.25, "voc": 0.45}  # DDAE++ App. B, searched on DiT (RF, t = 0 is data)
+NOISE_STREAM = {"train": 1 << 29, "val": 3 << 29}  # per-image noise: generator_seed(index, stream + seed)
+STORE_DTYPE = torch.bfloat16  # cached features; the head always sees bf16-rounded features
+CACHE_MODES = ("auto", "on", "off")
+LOGIT_BUDGET = 1 << 29  # bytes of upsampled logits (+ their gradient) per micro-batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults: layers and time
+# ------------------------------------------------------------------------------------------------
+
+
+def default_layers(model) -> list[str]:
+    """Two layers at DiT-B's relative depths 5/12 and 7/12 (module doc)."""
+    names = [n for n in model.layer_names if n != "cls"]
+    outs = [n for n in names if n.startswith("out_")]
+    if model.backbone_name in ("ddpm", "ddpmpp") and outs:
+        blocks = outs  # UNet decoder
+    else:
+        blocks = names  # transformer blocks in execution order
+    k = len(blocks)
+    a = min(max(1, round(k * 5 / 12)), k)
+    b = min(max(a + 1, round(k * 7 / 12)), k)
+    return list(dict.fromkeys([blocks[a - 1], blocks[b - 1]]))
+
+
+def default_time(formulation, dataset: str) -> str:
+    """The paper's RF time for the dataset, or the time of the same σ/α in another formulation."""
+    t = RF_TIME[dataset]
+    if formulation.name == "rf":
+        return f"{t:g}"
+    ratio = t / (1 - t)  # σ/α of RF at t: x_t = (1 − t)·x0 + t·ε
+    if formulation.name == "edm":  # x_t = x0 + σ·ε
+        return f"{ratio:.4g}"
+    if formulation.name == "ddpm":
+        steps = torch.arange(1, formulation.T + 1)
+        r = (formulation.sigma(steps) / formulation.alpha(steps)).double()
+        return str(int(steps[torch.argmin((r.log() - math.log(ratio)).abs())]))
+    raise UsageError(f"no default segprobe time for {formulation.name}: give --timestep")
+
+
+# ------------------------------------------------------------------------------------------------
+# Features on a grid
+# ------------------------------------------------------------------------------------------------
+
+
+def to_grid(feature: Tensor, grid: int, name: str) -> Tensor:
+    """(B, C, H, W) map or (B, N, D) tokens → (B, C, grid, grid)."""
+    if feature.ndim == 3:
+        B, N, D = feature.shape
+        side = math.isqrt(N)
+        if side * side != N or N == 1:
+            raise UsageError(f"layer {name} gives {N} token(s), not a square patch grid; choose spatial layers")
+        feature = feature.transpose(1, 2).reshape(B, D, side, side)  # row-major patches
+    if feature.ndim != 4:
+        raise UsageError(f"layer {name} gives features of shape {tuple(feature.shape)}, not a spatial map")
+    H, W = feature.shape[-2:]
+    if (H, W) == (grid, grid):
+        return feature
+    if H >= grid and W >= grid:
+        return F.adaptive_avg_pool2d(feature, grid)
+    return F.interpolate(feature, size=(grid, grid), mode="bilinear", align_corners=False)
+
+
+class DenseFeatures:
+    """Noised, concatenated, grid-resampled features of images given with their dataset indices."""
+
+    def __init__(self, model, formulation, layers: Sequence[str], t: float, *, grid: int, device: torch.device,
+                 precision: str, seed: int):
+        self.model, self.formulation, self.layers, self.t = model, formulation, list(layers), t
+        self.grid, self.device, self.precision, self.seed = grid, device, precision, seed
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, index: Tensor, split: str) -> Tensor:
+        from .data import to_model_range
+        from .features import noised_features
+        from .seeding import per_sample_randn
+
+        x0 = to_model_range(images.to(self.device))  # (B, C, S, S)
+        noise = per_sample_randn(index.tolist(), x0.shape[1:], device=self.device,
+                                 stream=NOISE_STREAM[split] + self.seed)
+        feats = noised_features(self.model, self.formulation, x0, self.t, self.layers, noise=noise, pooled=False,
+                                precision=self.precision)
+        maps = [to_grid(feats[name], self.grid, name) for name in self.layers]
+        return torch.cat(maps, dim=1).to(STORE_DTYPE)  # (B, C_total, g, g)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """(image, label, index); a user-fixable error travels to the main process as a value."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            x, y = self.ds[i]
+        except DdaeppError as e:
+            return e
+        return x, y, i
+
+
+def _collate(items):
+    for it in items:
+        if isinstance(it, DdaeppError):
+            return it
+    return torch.utils.data.default_collate(items)
+
+
+def batches(ds, order: Sequence[int], batch_size: int, workers: int):
+    """(images, labels, indices) in `order`, decoded by `workers` processes."""
+    sampler = [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(_Indexed(ds), batch_sampler=sampler, num_workers=workers,
+                                         collate_fn=_collate)
+    for batch in loader:
+        if isinstance(batch, DdaeppError):
+            raise batch
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Head, loss, metrics
+# ------------------------------------------------------------------------------------------------
+
+
+class SegHead(nn.Module):
+    """LayerNorm + Linear at every grid location (DDAE++ App. B)."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.linear = nn.Linear(channels, num_classes)
+
+    def forward(self, f: Tensor) -> Tensor:
+        x = self.norm(f.float().permute(0, 2, 3, 1))  # (B, g, g, C)
+        return self.linear(x).permute(0, 3, 1, 2)  # (B, K, g, g)
+
+
+def upsample(logits: Tensor, size: int) -> Tensor:
+    """Bilinear upsampling of (B, K, g, g) logits to the label map (B, K, L, L) (16× for 16 → 256)."""
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE) -> Tensor:
+    """(K, K) int64 counts, rows = ground truth, columns = prediction; ignored pixels are not counted."""
+    keep = target != ignore_index
+    t, p = target[keep].long(), pred[keep].long()
+    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: Tensor) -> dict[str, Any]:
+    """Per-class IoU = TP / (TP + FP + FN); mIoU over classes present in prediction or ground truth."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    valid = union > 0
+    total = cm.sum()
+    return {"miou": float(iou[valid].mean()) if valid.any() else float("nan"),
+            "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
+            "per_class_iou": [None if math.isnan(v) else v for v in iou.tolist()],
+            "classes_evaluated": int(valid.sum()), "pixels": int(total)}
+
+
+def _micro(num_classes: int, label_size: int) -> int:
+    return max(1, LOGIT_BUDGET // (3 * 4 * num_classes * label_size * label_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Caching decision
+# ------------------------------------------------------------------------------------------------
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def cache_plan(mode: str, need: int, device: torch.device) -> tuple[bool, torch.device | None, str]:
+    """(cache?, where, why) for `need` bytes of features; half of the free memory is the limit."""
+    if mode not in CACHE_MODES:
+        raise UsageError(f"--cache-features {mode!r} is not valid; choose from {choices(CACHE_MODES)}")
+    if mode == "off":
+        return False, None, "off (recomputed every epoch)"
+    if device.type == "cuda" and need <= _available_bytes(device) // 2:
+        return True, device, f"{need / 2**30:.2f} GiB on {device}"
+    if mode == "on" or need <= _available_bytes(torch.device("cpu")) // 2:
+        return True, torch.device("cpu"), f"{need / 2**30:.2f} GiB in CPU memory"
+    return False, None, f"off: {need / 2**30:.1f} GiB of features do not fit in half the free memory"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+class FeatureSource:
+    """Features + labels of one split, from the in-memory cache or recomputed per batch."""
+
+    def __init__(self, ds, split: str, dense: DenseFeatures, *, cached: bool, store: torch.device | None,
+                 batch_size: int, workers: int):
+        self.ds, self.split, self.dense, self.workers = ds, split, dense, workers
+        self.feats = self.labels = None
+        if cached:
+            feats, labels = [], []
+            with progress(len(ds), f"segprobe: {split} features", "img") as bar:
+                for images, y, idx in batches(ds, range(len(ds)), batch_size, workers):
+                    feats.append(dense(images, idx, split).to(store))
+                    labels.append(y.to(store))
+                    bar.update(len(idx))
+            self.feats, self.labels = torch.cat(feats), torch.cat(labels)  # (N, C, g, g), (N, L, L)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def iterate(self, order: Sequence[int], batch_size: int):
+        """(features, labels) on the probe's device, in `order`."""
+        dev = self.dense.device
+        if self.feats is not None:
+            for i in range(0, len(order), batch_size):
+                idx = torch.as_tensor(order[i:i + batch_size], device=self.feats.device)
+                yield self.feats[idx].to(dev), self.labels[idx].to(dev)
+            return
+        for images, y, idx in batches(self.ds, order, batch_size, self.workers):
+            yield self.dense(images, idx, self.split), y.to(dev)
+
+
+def train_head(head: SegHead, train: FeatureSource, *, epochs: int, batch_size: int, lr: float, seed: int,
+               label_size: int, num_classes: int) -> list[float]:
+    """Adam + per-step cosine decay; returns the mean loss of every epoch."""
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total, step, losses = epochs * steps_per_epoch, 0, []
+    micro = _micro(num_classes, label_size)
+    with progress(total, "segprobe: train", "step") as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+            running, count = 0.0, 0
+            for feats, labels in train.iterate(order, batch_size):
+                for group in opt.param_groups:
+                    group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+                valid = int((labels != IGNORE).sum())
+                step += 1
+                if valid == 0:  # nothing to learn from this batch (all pixels ignored)
+                    bar.update(1)
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for f, y in zip(feats.split(micro), labels.split(micro)):  # same gradient as one pass
+                    logits = upsample(head(f), label_size)  # (b, K, L, L)
+                    loss = F.cross_entropy(logits, y.long(), ignore_index=IGNORE, reduction="sum") / valid
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                opt.step()
+                running, count = running + loss_sum, count + 1
+                bar.update(1, f"loss {loss_sum:.3f}")
+            losses.append(running / max(count, 1))
+    return losses
+
+
+@torch.no_grad()
+def evaluate(head: SegHead, val: FeatureSource, *, batch_size: int, label_size: int, num_classes: int) -> Tensor:
+    head.eval()
+    cm = None
+    micro = _micro(num_classes, label_size)
+    for feats, labels in val.iterate(list(range(len(val))), batch_size):
+        for f, y in zip(feats.split(micro), labels.split(micro)):
+            pred = upsample(head(f), label_size).argmax(1)  # (b, L, L)
+            c = confusion_matrix(pred, y, num_classes)
+            cm = c if cm is None else cm + c
+    head.train()
+    return cm.cpu()
+
+
+@torch.no_grad()
+def predictions_png(head: SegHead, val: FeatureSource, ds: SegmentationSet, path, *, count: int = 4) -> str:
+    """A grid: one row per validation image — image | ground truth | prediction (VOC colour map)."""
+    from PIL import Image
+
+    head.eval()
+    idx = list(range(min(count, len(ds))))
+    feats, labels = next(val.iterate(idx, len(idx)))
+    pred = upsample(head(feats), ds.label_size).argmax(1).cpu().numpy().astype(np.uint8)  # (n, L, L)
+    head.train()
+    pal = voc_palette()
+    L, rows = ds.label_size, []
+    for k, i in enumerate(idx):
+        image, _ = ds[i]
+        arr = image.permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).convert("RGB").resize((L, L), Image.BILINEAR)
+        gt = pal[labels[k].cpu().numpy()]
+        rows.append(np.concatenate([np.array(img), gt, pal[pred[k]]], axis=1))  # (L, 3L, 3)
+    grid = np.concatenate(rows, axis=0)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+
+def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None = None, layers: str | None = None,
+             timestep: str | None = None, epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH,
+             image_size: int | None = None, label_size: int = 256, grid: int = GRID, cache_features: str = "auto",
+             weights: str = "ema", seed: int = 0, workers: int | None = None, device: str | None = None,
+             plot: str | None = None, record: bool = True) -> dict[str, Any]:
+    """Library entry of `ddaepp segprobe`: features, head training, mIoU on the validation split."""
+    from .build import build_formulation, dataset_geometry
+    from .evalrecord import (checkpoint_record, device_record, new_record_path, save_record, timestamp,
+                             versions)
+    from .features import pick_device, precision_for
+    from .sample import load_model
+
+    if dataset not in SPECS:
+        raise UsageError(f"--dataset {dataset!r} is not known; valid: {choices(SPECS)}")
+    for name, v in (("--epochs", epochs), ("--batch-size", batch_size), ("--grid", grid), ("--label-size", label_size)):
+        if v <= 0:
+            raise UsageError(f"{name} must be positive, got {v}")
+    if not lr > 0:
+        raise UsageError(f"--lr must be positive, got {lr}")
+    if cache_features not in CACHE_MODES:
+        raise UsageError(f"--cache-features {cache_features!r} is not valid; choose from {choices(CACHE_MODES)}")
+    if plot is not None and not str(plot).lower().endswith(".png"):
+        raise UsageError(f"--plot {plot}: give a .png file name")
+    t_start = time.perf_counter()
+    dev = pick_device(device)
+    precision = precision_for(dev)
+    recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
+    formulation = build_formulation(recipe)
+    channels, native, _ = dataset_geometry(recipe.data)
+    image_size = image_size or native
+    if image_size <= 0:
+        raise UsageError(f"--image-size must be positive, got {image_size}")
+    if image_size != native:
+        if recipe.model.backbone not in ("ddpm", "ddpmpp"):
+            raise UsageError(f"{recipe.model.backbone} reads {native}×{native} images only; leave --image-size "
+                             f"unset or give {native}")
+        factor = 2 ** (len(recipe.model.ch_mults) - 1)
+        if image_size % factor:
+            raise UsageError(f"--image-size {image_size}: this UNet halves the resolution {len(recipe.model.ch_mults) - 1} "
+                             f"times, so give a multiple of {factor}")
+    layer_list = default_layers(model) if layers is None else model.resolve_layers(layers)
+    time_text = timestep if timestep is not None else default_time(formulation, dataset)
+    t_value = float(formulation.parse_time(time_text))
+    workers = (min(4, os.cpu_count() or 1) if dev.type == "cuda" else 0) if workers is None else workers
+    train_ds = SegmentationSet(dataset, "train", data_root, image_size=image_size, label_size=label_size,
+                               channels=channels)
+    val_ds = SegmentationSet(dataset, "val", data_root, image_size=image_size, label_size=label_size,
+                             channels=channels)
+    dense = DenseFeatures(model, formulation, layer_list, t_value, grid=grid, device=dev, precision=precision,
+                          seed=seed)
+    if "cls" in layer_list:
+        raise UsageError("layer cls is the [CLS] token, not a spatial map; choose patch-token layers (e.g. in_5,out_1)")
+    feat_channels = sum(model.feature_dims[name] for name in layer_list)
+    K = train_ds.num_classes
+    need = (len(train_ds) + len(val_ds)) * (feat_channels * grid * grid * 2 + label_size * label_size)
+    cached, store, cache_why = cache_plan(cache_features, need, dev)
+    info(f"segprobe {ckpt} ({weights}) on {dataset}: layers {','.join(layer_list)} at t={time_text} "
+         f"({t_value:g}), {feat_channels} channels on a {grid}×{grid} grid, {len(train_ds)} train / {len(val_ds)} val "
+         f"images at {image_size} px, labels {label_size} px, cache {cache_why}")
+
+    t0 = time.perf_counter()
+    train = FeatureSource(train_ds, "train", dense, cached=cached, store=store, batch_size=batch_size, workers=workers)
+    val = FeatureSource(val_ds, "val", dense, cached=cached, store=store, batch_size=batch_size, workers=workers)
+    t_feats = time.perf_counter() - t0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = SegHead(feat_channels, K).to(dev)
+    t0 = time.perf_counter()
+    losses = train_head(head, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, label_size=label_size,
+                        num_classes=K)
+    t_train = time.perf_counter() - t0
+    cm = evaluate(head, val, batch_size=batch_size, label_size=label_size, num_classes=K)
+    scores = iou_from_confusion(cm)
+
+    record_path = new_record_path(ckpt, "segprobe")
+    result: dict[str, Any] = {
+        "command": "segprobe",
+        "dataset": dataset,
+        "miou": scores["miou"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "per_class_iou": scores["per_class_iou"],
+        "classes_evaluated": scores["classes_evaluated"],
+        "class_names": train_ds.class_names,
+        "train_losses": losses,
+        "layers": layer_list,
+        "timestep": {"text": time_text, "t": t_value},
+        "timing": {"features_s": round(t_feats, 3), "train_s": round(t_train, 3),
+                   "total_s": round(time.perf_counter() - t_start, 3)},
+        "protocol": {
+            **checkpoint_record(ckpt, weights, recipe),
+            "layers": layer_list, "timestep": time_text, "t": t_value,
+            "default_layers": layers is None, "default_timestep": timestep is None,
+            "grid": grid, "feature_channels": feat_channels,
+            "grid_resize": "finer maps adaptive-average-pooled, coarser ones bilinear; tokens laid out √N×√N",
+            "head": "LayerNorm + Linear per location", "upsampling": f"bilinear {grid} → {label_size}",
+            "loss": f"cross-entropy, ignore index {IGNORE}", "optimizer": "adam", "lr": lr,
+            "schedule": "cosine per step to 0", "epochs": epochs, "batch_size": batch_size, "augmentation": "none",
+            "noise": "fixed per image (seeded by index)", "seed": seed, "feature_cache": cache_why,
+            "train": train_ds.info(), "val": val_ds.info(),
+            **device_record(dev, precision), "versions": versions(), "time": timestamp(),
+        },
+    }
+    result["plot"] = predictions_png(head, val, val_ds, plot or record_path.with_suffix(".png"))
+    saved = save_record(record_path, result) if record else None
+    result["eval_record"] = str(saved) if saved else None
+    return result
+
+
+def print_segprobe(result: dict) -> None:
+    """A short rich table on stderr: mIoU, pixel accuracy, the protocol's key settings."""
+    from rich.table import Table
+
+    from .console import err
+
+    table = Table("", "value", title=f"segprobe on {result['dataset']}")
+    table.add_row("mIoU", f"{100 * result['miou']:.2f}")
+    table.add_row("pixel accuracy", f"{100 * result['pixel_accuracy']:.2f}")
+    table.add_row("layers", ",".join(result["layers"]))
+    table.add_row("timestep", f"{result['timestep']['text']} ({result['timestep']['t']:g})")
+    table.add_row("classes evaluated", str(result["classes_evaluated"]))
+    err.print(table)
+    for key, label in (("plot", "predictions"), ("eval_record", "record")):
+        if result.get(key):
+            err.print(f"{label}: {result[key]}", markup=False)
