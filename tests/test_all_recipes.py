@@ -27,6 +27,12 @@ def shrink(path: Path) -> list[str]:
     sets = list(COMMON)
     if rec.model.backbone == "uvit":  # in_1, in_2, mid, out_1, out_2: the recipes' out_2 taps exist
         sets += ["model.width=32", "model.depth=4", "model.heads=2"]
+    elif rec.model.backbone == "dit":  # blocks 1..4 on 1×8×8 digits; classes stay (digits labels < 1000)
+        sets += ["model.width=32", "model.depth=4", "model.heads=2", "sample.steps=2"]
+        if rec.model.selfcond.layer:
+            sets.append("model.selfcond.layer=2")
+        if rec.sra.enabled:
+            sets += ["sra.student_layer=1", "sra.teacher_layer=3"]
     else:  # decoder blocks out_1..out_4
         sets += ["model.channels=32", "model.ch_mults=[1,2]", "model.n_blocks=1", "model.attn_resolutions=[4]"]
         if rec.model.selfcond.layer:
@@ -51,6 +57,12 @@ def test_there_is_a_recipe_for_every_paper_row():
     assert ablations <= names
     for name in ablations:
         assert load_recipe(RECIPES[0].parent / f"{name}.yaml").train.epochs == 1200  # Tab. 6: 1200 epochs
+    for size, epochs in (("b", 400), ("l", 400)):  # Table 4: unconditional 400, class-conditional 100, XL 40
+        assert load_recipe(RECIPES[0].parent / f"imagenet256_rf_dit{size}_sc.yaml").train.epochs == epochs
+    for stem, epochs in (("ditb_cond", 100), ("ditl_cond", 100), ("ditxl_cond", 40)):
+        for name in (f"imagenet256_rf_{stem}", f"imagenet256_rf_{stem}_sc"):
+            assert load_recipe(RECIPES[0].parent / f"{name}.yaml").train.epochs == epochs
+    assert {f"imagenet256_sra_{a}{s}" for a in ("sit", "dit") for s in ("b", "l", "xl")} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -67,3 +79,5 @@ def test_recipe_builds_and_trains_two_steps(path, tmp_path):
     assert [r["step"] for r in lines] == [1, 2] and all(math.isfinite(r["loss"]) for r in lines)
     if rec.contrastive.enabled:
         assert all(r["loss_moco"] > 0 for r in lines)
+    if rec.sra.enabled:
+        assert all(r["loss_sra"] > 0 for r in lines)

@@ -1,4 +1,6 @@
-"""Rectified flow in pixel space (Liu et al., 2023; DDAE++ App. A): x_t = (1 − t)·x0 + t·ε, v = ε − x0.
+"""Rectified flow (Liu et al., 2023; DDAE++ App. A): x_t = (1 − t)·x0 + t·ε, v = ε − x0, in pixel space and,
+with LightningDiT's options, in latent space (DDAE++ Tab. 7; architecture.md §5.5): logit-normal t, the
+extra cosine term, t up to 1 and the timestep-shifted Euler grid. CFG wraps the denoiser (cfg.py).
 
 Paper convention, t = 0 is data. The official RF code (gnobitab/RectifiedFlow) runs the mirrored
 time t_RF = 1 − t; conventions and constants are mapped in architecture.md §0.2 and §5.4.
@@ -33,6 +35,9 @@ class RF(Formulation):
 
     `t_max` bounds training times and starts the samplers (official RF: 1 − 1e-3; latent RF as in
     LightningDiT: 1.0). `shift` is the default timestep shift of the euler/ddim/heun grids.
+    `time_sampling`: "uniform" (official RF) or "logit_normal", t = sigmoid(n), n ~ N(0, 1) (LightningDiT
+    `use_lognorm`; symmetric about 1/2, so the same in both time conventions). `cosine_loss` adds
+    LightningDiT's 1 − cos(v̂, v) taken over channels at each position, averaged over positions.
     """
 
     name = "rf"
@@ -43,7 +48,12 @@ class RF(Formulation):
     clip_x0 = False  # the official RF samplers never clip; clipping also makes RK45's right-hand side kinked
     _takes_shift = True
 
-    def __init__(self, t_max: float = PIXEL_T_MAX, shift: float = 1.0):
+    def __init__(self, t_max: float | None = PIXEL_T_MAX, shift: float = 1.0, time_sampling: str = "uniform",
+                 cosine_loss: bool = False):
+        t_max = PIXEL_T_MAX if t_max is None else t_max
+        if time_sampling not in ("uniform", "logit_normal"):
+            raise UsageError(f"unknown rf time_sampling {time_sampling!r}; valid: uniform, logit_normal")
+        self.time_sampling, self.cosine_loss = time_sampling, bool(cosine_loss)
         if not 0.0 < t_max <= 1.0:
             raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
         if not shift > 0:
@@ -66,6 +76,8 @@ class RF(Formulation):
         return 1.0
 
     def sample_time(self, n: int, *, device: torch.device | str = "cpu", generator=None) -> Tensor:
+        if self.time_sampling == "logit_normal":  # LightningDiT `use_lognorm` (architecture.md §5.5)
+            return torch.sigmoid(torch.randn(n, device=device, generator=generator)) * self.t_max
         return torch.rand(n, device=device, generator=generator) * self.t_max  # t ~ U[0, t_max)
 
     def net_time(self, t: Tensor) -> Tensor:
@@ -76,7 +88,14 @@ class RF(Formulation):
     # ------------------------------------------------------------------ training and inference
 
     def _loss_elements(self, out, x0, x_t, noise, t):
-        return (out - (noise - x0)) ** 2  # ‖v_θ(x_t, t) − (ε − x0)‖², unweighted (DDAE++ App. A)
+        target = noise - x0
+        sq = (out - target) ** 2  # ‖v_θ(x_t, t) − (ε − x0)‖², unweighted (DDAE++ App. A)
+        if not self.cosine_loss:
+            return sq
+        # LightningDiT train.py: + mean over positions of 1 − cos(v̂, v) along channels; broadcast over C
+        # so that the per-sample mean over (C, H, W) adds exactly that mean.
+        cos = torch.nn.functional.cosine_similarity(out.float(), target.float(), dim=1)  # (B, H, W)
+        return sq + (1.0 - cos)[:, None].to(sq.dtype)
 
     def _prediction(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
         t = expand_like(t, x_t)

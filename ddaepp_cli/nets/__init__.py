@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.nets.dit import build_dit
 from ddaepp_cli.nets.unet import build_unet
 from ddaepp_cli.nets.uvit import build_uvit
 
@@ -15,6 +16,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "ddpm": partial(build_unet, "ddpm"),  # DDAE UNet, 35.7M (DDAE++ Tab. 8)
     "ddpmpp": partial(build_unet, "ddpmpp"),  # simplified DDPM++, 56.5M
     "uvit": partial(build_uvit, "S"),  # U-ViT small for CIFAR, 44.3M (DDAE++ Tab. 8)
+    "dit": build_dit,  # LightningDiT B/L/XL for latents (`size=`), 129.8M / 457.1M (DDAE++ Tab. 8)
 }
 
 

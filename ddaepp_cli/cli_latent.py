@@ -1,0 +1,78 @@
+"""Latent-space commands on the `ddaepp` app: `profile-layers` and `cache-latents` (latents.py, vae.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli import _emit_json, _resolve_recipe_path, app, handle_errors
+from .errors import UsageError
+
+
+@app.command("profile-layers", epilog="Example: ddaepp profile-layers imagenet256_rf_ditb_cond --candidates 8-11 --epochs 20 --json | jq .best")
+@handle_errors
+def profile_layers(
+    recipe: str = typer.Argument(..., help="Recipe YAML (or a shipped recipe name); its self-conditioning layer is replaced."),
+    candidates: str = typer.Option(..., "--candidates", help="Layers to try: 8-11, out_6-9, 7,9,12."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per run."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Training epochs per run (DDAE++: e.g. 20)."),
+    window: float = typer.Option(0.25, "--window", help="Score = mean loss over this final fraction of the steps."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Folder of the runs (default runs/<recipe>-profile); re-running resumes."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Loss-curve PNG (default <run-dir>/loss_curves.png)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set train.global_batch=256 (repeatable)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (`best` is the chosen layer)."),
+) -> None:
+    """Short runs with self-conditioning at each candidate layer plus the baseline; the lowest final loss wins."""
+    from .profile import format_table, profile_layers as run_profile
+    from .recipe import load_recipe
+
+    rec = load_recipe(_resolve_recipe_path(recipe), list(set_))
+    folder = run_dir or Path("runs") / f"{rec.name}-profile"
+    result = run_profile(rec, candidates, folder, steps=steps, epochs=epochs, window=window,
+                         plot=plot or folder / "loss_curves.png")
+    if json_out:
+        _emit_json(result)
+    else:
+        print(format_table(result), file=sys.stderr)
+        print(result["best"])
+
+
+@app.command("cache-latents", epilog="Example: ddaepp cache-latents --data imagenet/train --vae ~/.cache/ddaepp/weights/"
+             "vavae-imagenet256-f16d32-dinov2.pt --out data/imagenet256_vavae")
+@handle_errors
+def cache_latents(
+    data: Path = typer.Option(..., "--data", help="Image folder: one subfolder per class (ImageNet layout), or flat."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="LDM-format VAE weights (.safetensors, or .pt/.ckpt read with "
+                                       "weights_only). Default: the --vae-kind file (vavae unless given) in "
+                                       "$DDAEPP_CACHE/weights/ (~/.cache/ddaepp/weights/)."),
+    out: Path = typer.Option(..., "--out", help="Cache folder (data.root of a latents recipe); re-running resumes."),
+    image_size: int = typer.Option(256, "--image-size", help="ADM centre crop to this size before encoding."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder batch (each is encoded with its mirror)."),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Images per safetensors shard (the unit of resumption)."),
+    vae_kind: Optional[str] = typer.Option(None, "--vae-kind", help="Check the checkpoint is this VAE: vavae (VA-VAE f16d32) "
+                                          "or sdvae (SD-VAE kl-f8). Default: any LDM KL autoencoder, read from the file."),
+    num_workers: int = typer.Option(4, "--num-workers", help="Image decoding workers."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
+    from .latents import cache_latents as run_cache
+    from .vae import KINDS, default_weights_path
+
+    if vae is None:
+        if vae_kind is not None and vae_kind not in KINDS:
+            raise UsageError(f"unknown --vae-kind {vae_kind!r}; valid: {', '.join(KINDS)}")
+        vae_kind = vae_kind or "vavae"
+        vae = default_weights_path(vae_kind)
+    result = run_cache(data, vae, out, image_size=image_size, batch_size=batch_size, shard_size=shard_size,
+                       vae_kind=vae_kind, num_workers=num_workers)
+    if json_out:
+        if int(os.environ.get("RANK", "0")) == 0:
+            _emit_json(result)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(f"cached {result['count']} images as {'×'.join(map(str, result['latent_shape']))} latents in "
+              f"{result['num_shards']} shard(s) ({result['encoded_shards']} encoded, {result['skipped_shards']} kept): "
+              f"{result['out']}", file=sys.stderr)

@@ -1,0 +1,69 @@
+"""SRA — self-representation alignment (Jiang et al., 2025, "No Other Representation Component Is Needed";
+`SRA:SiT-SRA/loss.py`, `models/sit.py`; architecture.md §8).
+
+    L = L_diff + λ(epoch) · mean ℓ( head(h_s(x_t, t)), sg(h̄_T(x_t', t')) )
+
+h_s: the student's block `student_layer` output tokens (B, N, D); head: Linear(D→2D) → SiLU →
+Linear(2D→D) (SRA `SimpleHead`, discarded after training); h̄_T: the EMA teacher's raw block
+`teacher_layer` output at the lower noise t' = clamp(t − Δ·u, 0, 1), u ~ U(0, 1) (the paper's dynamic
+interval; DDPM: Δ·T steps, clamped to [1, T]), with the same noise and labels. ℓ: smooth-L1 with
+β = 0.05 averaged over batch, tokens and channels (paper), or 1 − cosine similarity over channels per
+token ("cosine"; the SRA code's own cosine runs over the token axis, a quirk we do not copy).
+
+The teacher runs `forward_features` (taps.py), which stops after its block under no-grad: nothing past
+the block is ever used (the official code runs the full forward and drops the rest).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SRA_LOSSES = ("smooth_l1", "cosine")
+SRA_SCHEDULES = ("constant", "step_decay")
+
+
+class SRAHead(nn.Module):
+    """The student's projection head and the alignment loss; lives in `Objective.aux` (trained, not EMA-used)."""
+
+    def __init__(self, dim: int, *, student_layer: str, teacher_layer: str, weight: float = 0.2,
+                 schedule: str = "constant", decay_start_epochs: float = 149.0, decay_period_epochs: float = 1000.0,
+                 loss: str = "smooth_l1", beta: float = 0.05, interval: float = 0.2, dynamic: bool = True):
+        super().__init__()
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.weight, self.schedule = float(weight), schedule
+        self.decay_start, self.decay_period = float(decay_start_epochs), float(decay_period_epochs)
+        self.loss_type, self.beta = loss, float(beta)
+        self.interval, self.dynamic = float(interval), bool(dynamic)
+        self.head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))  # 2,361,600 for D=768
+        for m in self.head:  # SRA `initialize_weights`: xavier-uniform, zero bias
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def weight_at(self, epoch: float) -> float:
+        """λ(epoch): constant, or the SRA code's λ·0.1^((epoch − start)/period) after `start` epochs."""
+        if self.schedule == "step_decay" and epoch > self.decay_start:
+            return self.weight * 0.1 ** ((epoch - self.decay_start) / self.decay_period)
+        return self.weight
+
+    def teacher_time(self, formulation, t: Tensor, u: Tensor) -> Tensor:
+        """t' = t − Δ·u (dynamic) or t − Δ (fixed), clamped to the schedule (paper time, t = 0 is data)."""
+        gap = u if self.dynamic else torch.ones_like(u)
+        if formulation.name == "ddpm":  # SRA:DiT-SRA: t − U{0..Δ·T−1} steps, clamped to [1, T]
+            steps = torch.floor(gap * self.interval * formulation.T).clamp(max=max(0, self.interval * formulation.T - 1))
+            return (t - steps.to(t.dtype)).clamp(1, formulation.T)
+        return (t - (gap * self.interval).to(t.dtype)).clamp(0.0, 1.0)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """student, teacher (B, N, D) → scalar alignment loss (before λ)."""
+        z = self.head(student).float()  # (B, N, D)
+        target = teacher.detach().float()
+        if self.loss_type == "cosine":
+            return (1.0 - F.cosine_similarity(z, target, dim=-1)).mean()
+        return F.smooth_l1_loss(z, target, beta=self.beta)  # mean over B, N, D
+
+
+def epoch_of(step: int, steps_per_epoch: int | None) -> float:
+    return step / steps_per_epoch if steps_per_epoch else 0.0
