@@ -28,6 +28,10 @@ def dataset_geometry(data: DataConfig) -> tuple[int, int, int | None]:
 
         ds = load_dataset("digits", split="train", image_size=data.image_size or DIGITS_DEFAULT_SIZE)
         return ds.channels, ds.image_size, len(ds)
+    if data.dataset == "latents":  # cached VAE latents (latents.py): geometry from the manifest
+        from .latents import latent_geometry
+
+        return latent_geometry(data)
     if data.dataset == "imagefolder":
         if data.image_size is None:
             raise UsageError("data.image_size is required for data.dataset=imagefolder (e.g. 32, 64, 256)")
@@ -44,6 +48,10 @@ def load_training_data(recipe: Recipe):
     from .data import load_dataset
 
     d = recipe.data
+    if d.dataset == "latents":
+        from .latents import LatentDataset
+
+        return LatentDataset(d.root, image_size=d.image_size)
     size = d.image_size or (DIGITS_DEFAULT_SIZE if d.dataset == "digits" else None)
     return load_dataset(d.dataset, split="train", root=d.root, image_size=size, download=d.download)
 
@@ -54,6 +62,7 @@ def backbone_kwargs(recipe: Recipe) -> dict:
     kw = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
     name = kw.pop("backbone")
     sc = kw.pop("selfcond")
+    kw.pop("label_dropout", None)  # DiT: applied by the objective (losses/__init__.py)
     kw.update(in_channels=channels, image_size=size)
     if isinstance(m, UViTConfig):  # [CLS] self-conditioning is a token, not a module
         kw.update(cls_token=sc.layer == "cls")
@@ -113,12 +122,26 @@ def build_contrastive(recipe: Recipe, model: torch.nn.Module, formulation):
     return ContrastiveHead(model.feature_dims[layer], layer=layer, target_time=target, **kw)
 
 
+def build_sra(recipe: Recipe, model: torch.nn.Module):
+    """The SRA head and loss (losses/sra.py), None when SRA is off; both layers are validated."""
+    r = recipe.sra
+    if not r.enabled:
+        return None
+    from .losses.sra import SRAHead
+
+    (student,), (teacher,) = model.resolve_layers([r.student_layer]), model.resolve_layers([r.teacher_layer])
+    kw = {k: v for k, v in dataclasses.asdict(r).items() if k not in ("enabled", "student_layer", "teacher_layer")}
+    return SRAHead(model.feature_dims[student], student_layer=student, teacher_layer=teacher, **kw)
+
+
 def build_objective(recipe: Recipe, model: torch.nn.Module, formulation, net: torch.nn.Module | None = None):
     """The training objective (losses/__init__.py) of `model`; `net` is what runs it (e.g. compiled)."""
     from .losses import Objective
 
+    m = recipe.model
     return Objective(net if net is not None else model, formulation, augment=build_augment(recipe),
-                     contrastive=build_contrastive(recipe, model, formulation))
+                     contrastive=build_contrastive(recipe, model, formulation), sra=build_sra(recipe, model),
+                     num_classes=getattr(m, "num_classes", 0), label_dropout=getattr(m, "label_dropout", 0.0))
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

@@ -36,9 +36,15 @@ from .errors import UsageError, choices
 class DataConfig:
     """Training data. `digits` ships with scikit-learn and needs no download."""
 
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "cifar10"
-    root: Optional[str] = None  # None: $DDAEPP_DATA, else ./data (see ddaepp_cli/data.py)
-    image_size: Optional[int] = None  # None: the dataset's native size (digits: 16)
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "latents"] = "cifar10"
+    root: Optional[str] = None  # None: $DDAEPP_DATA, else ./data; latents: the `cache-latents --out` folder
+    image_size: Optional[int] = None  # None: the dataset's native size (digits: 16; latents: the manifest's)
+    # latents only, when no manifest is at hand (`--dry-run` offline): 32×16×16 VA-VAE f16d32 latents of
+    # ImageNet-1k's 1,281,167 training images (DDAE++ §5.2); SD-VAE latents are 4×32×32.
+    latent_channels: int = 32
+    # latents only: the VAE weights file used to decode samples (`ddaepp sample`). None: the file recorded
+    # in the cache's manifest if it still exists, else $DDAEPP_CACHE/weights/<its file name> (latents.py).
+    vae: Optional[str] = None
     hflip: bool = True  # random horizontal flip, batched on the device
     download: bool = False  # fetch CIFAR with torchvision when online
     num_workers: int = 4  # decoding workers for image folders (in-memory sets need none)
@@ -105,7 +111,30 @@ class UViTConfig:
     selfcond: UViTSelfCondConfig = field(default_factory=UViTSelfCondConfig)
 
 
-MODEL_SCHEMAS: dict[str, type] = {"ddpm": UNetConfig, "ddpmpp": UNetPPConfig, "uvit": UViTConfig}
+@dataclass(frozen=True)
+class DiTConfig:
+    """LightningDiT for latents (architecture.md §3; DDAE++ Tab. 8). Sizes are presets (nets/dit.py):
+    B 768×12 (12 heads), L 1024×24 (16), XL 1152×28 (16); options are LightningDiT's defaults."""
+
+    backbone: Literal["dit"] = "dit"
+    size: Literal["B", "L", "XL"] = "B"
+    patch_size: int = 1  # DDAE++ Tab. 8: /1 on 16×16 latents (256 tokens)
+    width: Optional[int] = None  # None: the size preset's
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: float = 4.0  # SwiGLU hidden int(2/3·4D)
+    qk_norm: bool = False  # LightningDiT `use_qknorm: false`
+    rope: bool = True  # LightningDiT `use_rope: true`
+    num_classes: int = 0  # 0: unconditional (2-row label table, nets/dit.py); 1000: ImageNet class-conditional
+    label_dropout: float = 0.1  # CFG label dropout to the null class (LightningDiT class_dropout_prob); conditional only
+    selfcond: SelfCondConfig = field(default_factory=SelfCondConfig)  # layer: a block "1".."depth-1" (Tab. 9: 9 for B)
+
+    @property
+    def augment_dim(self) -> int:  # DiT takes no augmentation label
+        return 0
+
+
+MODEL_SCHEMAS: dict[str, type] = {"ddpm": UNetConfig, "ddpmpp": UNetPPConfig, "uvit": UViTConfig, "dit": DiTConfig}
 
 
 @dataclass(frozen=True)
@@ -140,9 +169,15 @@ class EDMConfig:
 
 @dataclass(frozen=True)
 class RFConfig:
-    """Pixel rectified flow: x_t = (1−t)x0 + tε, velocity ε − x0 (DDAE++ App. A)."""
+    """Rectified flow: x_t = (1−t)x0 + tε, velocity ε − x0 (DDAE++ App. A). Defaults: pixel RF as the
+    official code; latent RF (DDAE++ Tab. 7, LightningDiT, architecture.md §5.5) sets
+    `time_sampling: logit_normal, cosine_loss: true, t_max: 1.0, shift: 3.3`."""
 
     formulation: Literal["ddpm", "edm", "rf"] = "rf"
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # logit_normal: t = sigmoid(N(0, 1))
+    cosine_loss: bool = False  # LightningDiT's extra 1 − cos(v̂, v) over channels per position
+    t_max: Optional[float] = None  # largest training/sampling t; None: pixel RF's 1 − 1e-3 (official RF)
+    shift: float = 1.0  # timestep shift of the euler/ddim/heun grids (paper convention; latent: 3.3)
 
 
 DIFFUSION_SCHEMAS: dict[str, type] = {"ddpm": DDPMConfig, "edm": EDMConfig, "rf": RFConfig}
@@ -207,6 +242,26 @@ class ContrastiveConfig:
 
 
 @dataclass(frozen=True)
+class SRAConfig:
+    """SRA self-representation alignment (SRA paper; architecture.md §8; losses/sra.py): the student's
+    block `student_layer` → head (D → 2D → D, SiLU) is pulled towards the EMA teacher's block
+    `teacher_layer` at a lower noise t' = clamp(t − interval·u, 0, 1), u ~ U(0, 1) (dynamic interval),
+    same noise and labels. L = L_diff + λ(epoch)·L_SRA."""
+
+    enabled: bool = False
+    student_layer: str = "3"  # SiT-B: 3 → 8 (SRA paper §4.1 and its SiT-B script)
+    teacher_layer: str = "8"
+    weight: float = 0.2  # λ: SRA code for SiT with smooth-L1 (2·0.1¹); DiT code: 0.04; cosine: 0.5
+    schedule: Literal["constant", "step_decay"] = "constant"  # step_decay: λ·0.1^((epoch − start)/period) after start
+    decay_start_epochs: float = 149.0  # SRA code: λ decays ÷10 per 1000 epochs after epoch 149
+    decay_period_epochs: float = 1000.0
+    loss: Literal["smooth_l1", "cosine"] = "smooth_l1"  # paper: smooth-L1; the code's later default is cosine
+    beta: float = 0.05  # smooth-L1 β (SRA paper)
+    interval: float = 0.2  # max teacher time gap Δ (SRA `--t-max 0.2`); DDPM: Δ·T steps
+    dynamic: bool = True  # t' = t − Δ·u with u ~ U(0, 1); false: the fixed gap t' = t − Δ
+
+
+@dataclass(frozen=True)
 class EMAConfig:
     """EMA of the weights. `warmup: inverse` reproduces ema-pytorch (DDAE, architecture.md §5.6):
     decay_k = min(decay, 1 − (1 + k/inv_gamma)^(−power)); `none` is a constant decay."""
@@ -253,16 +308,23 @@ class SampleConfig:
     steps: Optional[int] = None  # None: the sampler's paper default (DDIM 100, Heun 18, …)
     clip_x0: Optional[bool] = None  # clip x̂0 to [−1, 1] in the sampler; None: formulation default (DDPM/EDM on as DDAE, RF off)
     batch_size: int = 256
+    # Classifier-free guidance (class-conditional models; diffusion/cfg.py): out = u + w·(c − u) for paper
+    # t inside cfg_interval, the conditional output alone outside. 1.0 = no guidance (one forward).
+    # DDAE++: w 2.0 (DiT-B) / 1.4 (DiT-L) on [0, 0.89] (= LightningDiT cfg_interval_start 0.11).
+    cfg_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_channels: Literal["all", "first3"] = "all"  # first3: DiT/LightningDiT's guidance of channels [:3] only
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str = "unnamed"
     data: DataConfig = field(default_factory=DataConfig)
-    model: Union[UNetConfig, UViTConfig] = field(default_factory=UNetConfig)
+    model: Union[UNetConfig, UViTConfig, DiTConfig] = field(default_factory=UNetConfig)
     diffusion: Union[DDPMConfig, EDMConfig, RFConfig] = field(default_factory=DDPMConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    sra: SRAConfig = field(default_factory=SRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -290,9 +352,37 @@ class Recipe:
             raise UsageError(f"data.image_size must be positive, got {self.data.image_size}")
         if self.data.num_workers < 0:
             raise UsageError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
-        if self.model.augment_dim < 0:
+        if getattr(self.model, "augment_dim", 0) < 0:
             raise UsageError(f"model.augment_dim must be >= 0, got {self.model.augment_dim}")
         self._check_augment_and_contrastive()
+        self._check_latent()
+
+    def _check_latent(self) -> None:
+        m, s, r = self.model, self.sample, self.sra
+        if s.cfg_scale < 0 or not 0.0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1.0:
+            raise UsageError(f"sample.cfg_scale must be >= 0 and sample.cfg_interval [lo, hi] within [0, 1], "
+                             f"got {s.cfg_scale}, {list(s.cfg_interval)}")
+        if s.cfg_scale != 1.0 and getattr(m, "num_classes", 0) == 0:
+            raise UsageError("sample.cfg_scale != 1 needs a class-conditional model (model.backbone: dit, "
+                             "model.num_classes > 0)")
+        if isinstance(m, DiTConfig) and not 0.0 <= m.label_dropout < 1.0:
+            raise UsageError(f"model.label_dropout must be in [0, 1), got {m.label_dropout}")
+        if self.data.latent_channels <= 0:
+            raise UsageError(f"data.latent_channels must be positive, got {self.data.latent_channels}")
+        d = self.diffusion
+        if isinstance(d, RFConfig) and (d.shift <= 0 or (d.t_max is not None and not 0.0 < d.t_max <= 1.0)):
+            raise UsageError(f"diffusion.shift must be > 0 and diffusion.t_max in (0, 1], got {d.shift}, {d.t_max}")
+        if not r.enabled:
+            return
+        if not isinstance(m, DiTConfig):
+            raise UsageError(f"sra.enabled needs model.backbone: dit (block taps), got {m.backbone}")
+        if d.formulation not in ("rf", "ddpm"):
+            raise UsageError(f"sra.enabled needs diffusion.formulation rf (SiT) or ddpm (DiT), got {d.formulation}")
+        if r.weight < 0 or r.beta <= 0 or not 0.0 <= r.interval <= 1.0 or r.decay_period_epochs <= 0:
+            raise UsageError("sra.weight must be >= 0, sra.beta > 0, sra.interval in [0, 1] and "
+                             "sra.decay_period_epochs > 0")
+        if self.contrastive.enabled:
+            raise UsageError("sra.enabled and contrastive.enabled are exclusive (both use the EMA teacher)")
 
     def _check_augment_and_contrastive(self) -> None:
         a, c, m = self.augment, self.contrastive, self.model

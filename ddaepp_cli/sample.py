@@ -2,7 +2,10 @@
 
 Image i is a function of its seed alone: its initial noise (and any per-step noise) comes from
 a generator seeded by that seed, so the output does not depend on the batch size or on how the
-seeds are split across processes. Outputs: one PNG per seed (`000042.png`), an `.npz` with
+seeds are split across processes. Class-conditional models draw image i as class `seed % num_classes`
+(balanced over consecutive seeds, independent of batching) unless `--class-label` fixes one class;
+`--cfg-scale` / `--cfg-interval` guide them (diffusion/cfg.py). Latent models decode through the VAE
+recorded in their latent cache (latents.py). Outputs: one PNG per seed (`000042.png`), an `.npz` with
 `arr_0` uint8 N×H×W×C (the ADM evaluator format) and a grid PNG.
 """
 
@@ -40,13 +43,32 @@ def load_model(run_or_ckpt: str | os.PathLike, weights: str = "ema", device: tor
     return recipe, model.to(device).eval().requires_grad_(False), ckpt
 
 
+def class_labels_for(seeds: Sequence[int], num_classes: int, class_label: int | None = None) -> list[int] | None:
+    """Per-seed class labels of a class-conditional model (module doc); None for an unconditional one."""
+    if num_classes == 0:
+        if class_label is not None:
+            raise UsageError("--class-label needs a class-conditional model; this one is unconditional")
+        return None
+    if class_label is not None:
+        if not 0 <= class_label < num_classes:
+            raise UsageError(f"--class-label must be in 0..{num_classes - 1}, got {class_label}")
+        return [class_label] * len(seeds)
+    return [s % num_classes for s in seeds]
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, formulation, seeds: Sequence[int], *, shape: tuple[int, ...],
              sampler: str | None = None, steps: int | None = None, clip: bool | None = None,
              batch_size: int = 256, device: torch.device | str = "cpu", show_progress: bool = False,
+             class_labels: Sequence[int] | None = None, cfg_scale: float = 1.0,
+             cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_channels: str = "all", decode=None,
              ) -> torch.Tensor:
-    """uint8 images (N, C, H, W) for `seeds`, computed `batch_size` at a time."""
+    """uint8 images (N, C, H, W) for `seeds`, computed `batch_size` at a time.
+
+    `class_labels` (one per seed) with CFG for class-conditional models; `decode` maps the sampler's
+    output (latents) to images in [−1, 1] (the VAE decoder, latents.py)."""
     from .data import from_model_range
+    from .diffusion.cfg import guided_denoiser
     from .diffusion.samplers import sample as run_sampler
     from .seeding import per_sample_randn
 
@@ -63,12 +85,52 @@ def generate(model: torch.nn.Module, formulation, seeds: Sequence[int], *, shape
     with ctx as bar:
         for i in range(0, len(seeds), batch_size):
             chunk = list(seeds[i:i + batch_size])
+            if class_labels is not None:  # CFG wrapper; clipping stays with the sampler
+                y = torch.tensor(list(class_labels[i:i + batch_size]), device=device)
+                denoise = guided_denoiser(formulation, model, y, null_label=model.num_classes, scale=cfg_scale,
+                                          interval=cfg_interval, channels=cfg_channels)
             x_T = per_sample_randn(chunk, shape, device=device, dtype=torch.float32) * formulation.prior_scale()
             x0 = run_sampler(formulation, denoise, x_T, sampler=sampler, steps=steps, seeds=chunk, clip=clip)
+            if decode is not None:
+                x0 = decode(x0.float())  # latents → images in [−1, 1]
             out.append(from_model_range(x0.float()).cpu())
             bar.update(len(chunk))
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros((0, *shape), dtype=torch.uint8)
+
+
+def sampling_options(recipe: Recipe, model: torch.nn.Module, seeds: Sequence[int], *, class_label: int | None = None,
+                     cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None,
+                     device: torch.device | str = "cpu") -> dict[str, Any]:
+    """`generate` keywords from the recipe's `sample` section, CLI overrides and the data (latent decoding)."""
+    s = recipe.sample
+    num_classes = getattr(model, "num_classes", 0)
+    scale = s.cfg_scale if cfg_scale is None else cfg_scale
+    if scale != 1.0 and num_classes == 0:
+        raise UsageError("--cfg-scale needs a class-conditional model; this one is unconditional (use 1)")
+    if scale < 0:
+        raise UsageError(f"--cfg-scale must be >= 0, got {scale}")
+    decode = None
+    if recipe.data.dataset == "latents":
+        from .latents import load_decoder
+
+        decode = load_decoder(recipe.data.root, device=device, vae=recipe.data.vae)
+    return dict(class_labels=class_labels_for(seeds, num_classes, class_label), cfg_scale=scale,
+                cfg_interval=tuple(s.cfg_interval if cfg_interval is None else cfg_interval),
+                cfg_channels=s.cfg_channels, decode=decode)
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """`--cfg-interval 0,0.89` → (0.0, 0.89) (paper time, t = 0 is data)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--cfg-interval expects LO,HI in paper time (e.g. 0,0.89), got {text!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise UsageError(f"--cfg-interval needs 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
 
 
 class _null_progress:
@@ -144,7 +206,8 @@ def parse_formats(text: str) -> list[str]:
 
 def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampler: str | None,
                    steps: int | None, weights: str, formats: list[str], batch_size: int | None,
-                   clip: bool | None, force: bool = False) -> dict[str, Any]:
+                   clip: bool | None, force: bool = False, cfg_scale: float | None = None,
+                   cfg_interval: str | None = None, class_label: int | None = None) -> dict[str, Any]:
     """Library entry of `ddaepp sample` (multi-process aware: seeds are sharded, rank 0 writes)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -175,8 +238,10 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     channels, size, _ = dataset_geometry(recipe.data)
     shape = (channels, size, size)
     mine = seeds[state.process_index::state.num_processes]
+    opts = sampling_options(recipe, model, mine, class_label=class_label, cfg_scale=cfg_scale,
+                            cfg_interval=parse_interval(cfg_interval), device=device)
     images = generate(model, formulation, mine, shape=shape, sampler=sampler, steps=steps, clip=clip,
-                      batch_size=batch_size, device=device, show_progress=True)
+                      batch_size=batch_size, device=device, show_progress=True, **opts)
     if state.num_processes > 1:
         parts = gather_object([(mine, images)])
         order = {}
@@ -187,6 +252,8 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     record = {"command": "sample", "checkpoint": str(ckpt), "weights": weights, "sampler": sampler,
               "steps": steps, "clip_x0": clip, "seeds": [seeds[0], seeds[-1]], "n": len(seeds),
               "formulation": recipe.diffusion.formulation, "backbone": recipe.model.backbone,
+              "cfg_scale": opts["cfg_scale"], "cfg_interval": list(opts["cfg_interval"]),
+              "cfg_channels": opts["cfg_channels"], "class_label": class_label,
               "ddaepp": __version__, "torch": torch.__version__}
     result = {"out": str(out_dir), **record}
     if state.is_main_process:

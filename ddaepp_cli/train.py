@@ -1,8 +1,9 @@
 """`ddaepp train`: the training loop (SPEC §3–4) on Hugging Face Accelerate.
 
 Randomness is split so that results do not depend on the process count:
-* per-sample randomness of the objective (flip bits, augmentation parameters, the contrastive second
-  view, diffusion times, noise) is drawn for the whole global batch from one shared generator (same
+* per-sample randomness of the objective (flip bits — for cached latents the choice between the image's
+  latent and its mirror's —, augmentation parameters, the contrastive second view, diffusion times,
+  noise, CFG label dropout, SRA teacher times) is drawn for the whole global batch from one shared generator (same
   seed, same state on every rank) and each rank takes its slice — two processes see exactly the draws
   one process sees;
 * dropout uses the per-rank torch RNG (seed + rank).
@@ -275,7 +276,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
     from accelerate.utils import gather_object
 
     from .data import BatchStream, to_model_range
-    from .sample import save_grid, generate
+    from .sample import generate, sampling_options, save_grid
 
     run_dir = Path(run_dir)
     t = recipe.train
@@ -377,9 +378,11 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
 
     def sample_grid(step: int) -> None:
         if main and t.sample_every and recipe.sample.steps != 0:
-            images = generate(ema.module, formulation, list(range(t.sample_grid)), shape=sample_shape,
+            seeds = list(range(t.sample_grid))
+            images = generate(ema.module, formulation, seeds, shape=sample_shape,
                               sampler=recipe.sample.sampler, steps=recipe.sample.steps,
-                              clip=recipe.sample.clip_x0, batch_size=recipe.sample.batch_size, device=device)
+                              clip=recipe.sample.clip_x0, batch_size=recipe.sample.batch_size, device=device,
+                              **sampling_options(recipe, ema.module, seeds, device=device))
             save_grid(images, run_dir / "samples" / f"grid-{step:07d}.png")
 
     loss_sum = torch.zeros((), device=device)
@@ -390,15 +393,20 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
     objective.train()  # backbone, heads (batch-norm) and u(σ) (forced weight normalisation)
     with _StopFlag() as stop, progress(total_steps, "train", "step", start=start_step) as bar:
         while step < total_steps:
-            images, _labels = next(batches)
-            x = to_model_range(images.to(device, non_blocking=True))
-            if t.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            images, labels = next(batches)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            latent = images.ndim == 5  # cached latents: (b, 2, C, H, W), the image's and its mirror's (latents.py)
+            x = images if latent else to_model_range(images)
             # Per-sample draws for the global batch, then this rank's slice (see module docstring).
             B = t.global_batch
             if recipe.data.hflip:
                 flip = torch.rand(B, device=device, generator=shared)[lo:hi] < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                x = torch.where(flip[:, None, None, None, None], x[:, 1:], x[:, :1])[:, 0] if latent else \
+                    torch.where(flip[:, None, None, None], x.flip(3), x)
+            elif latent:
+                x = x[:, 0]
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             draws = objective.draw(B, x.shape[1:], generator=shared, device=device)[lo:hi]
 
             step_loss = torch.zeros((), device=device)
@@ -407,10 +415,11 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                 sl = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
                 sync = nullcontext() if m == plan.grad_accum - 1 else accelerator.no_sync(net)
                 with sync, accelerator.autocast():
-                    batch = objective.batch(x[sl], draws[sl])  # views, their times, noise and labels
+                    batch = objective.batch(x[sl], draws[sl], labels[sl])  # views, times, noise, labels
                     keys = objective.teacher_keys(ema.module, teacher_aux, batch, draws[sl],
-                                                  gather=accelerator.gather, rank=rank)  # EMA teacher
-                    loss, parts = net(batch, keys)  # L_diff (+ γ·L_MoCo)
+                                                  gather=accelerator.gather, rank=rank)  # EMA teacher (CL)
+                    target = objective.teacher_targets(ema.module, batch, draws[sl])  # EMA teacher (SRA)
+                    loss, parts = net(batch, keys, target, step / plan.steps_per_epoch)  # L_diff (+ γ·L_MoCo or λ·L_SRA)
                     if step in faults:
                         loss = loss * float("nan")
                 accelerator.backward(loss / plan.grad_accum)
