@@ -903,6 +903,11 @@ def _model_source(run_info, seeds: list[int], device: torch.device, *, weights: 
     from .sample import load_model
 
     recipe, model, ckpt = load_model(run_info[0], weights, device)
+    if recipe.data.dataset == "latents":
+        # On-the-fly generation here has no VAE decoding, class labels or CFG: `sample` owns those.
+        raise UsageError(f"{run_info[0]} is a latent-space run: generate images with `ddaepp sample "
+                         f"{run_info[0]} --seeds 0-49999 --format npz [--cfg-scale …]`, then run "
+                         f"`ddaepp fid <that folder>/samples.npz --ref …`")
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
     formulation.check_sampler(sampler)
