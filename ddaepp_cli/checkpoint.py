@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,8 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"), metadata={**meta, "kind": "raw"})
+        # Test hook: DDAEPP_TEST_SAVE_DELAY=SECONDS pauses mid-save so fault tests can kill the writer there.
+        time.sleep(float(os.environ.get("DDAEPP_TEST_SAVE_DELAY", "0")))
         save_file(_state_dict_for_save(ema), str(tmp / "ema.safetensors"), metadata={**meta, "kind": "ema"})
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
@@ -108,11 +111,10 @@ def save_checkpoint(
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except (OSError, SafetensorError, RuntimeError) as e:  # safetensors/torch.save wrap I/O errors (full disk)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(
-            f"could not write checkpoint {final}: {e.strerror or e}; earlier checkpoints are kept"
-        ) from None
+        why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"could not write checkpoint {final}: {why}; earlier checkpoints are kept") from None
     prune_checkpoints(run_dir, keep_last=keep_last, milestones=milestones)
     return final
 

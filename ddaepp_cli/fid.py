@@ -911,7 +911,7 @@ def _model_source(run_info, seeds: list[int], device: torch.device, *, weights: 
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
     formulation.check_sampler(sampler)
-    steps = steps or recipe.sample.steps
+    steps = recipe.sample.steps if steps is None else steps
     if steps is not None and steps <= 0:
         raise UsageError(f"--steps must be positive, got {steps}")
     clip = recipe.sample.clip_x0 if clip is None else clip

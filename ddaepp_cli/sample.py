@@ -219,10 +219,10 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     recipe, model, ckpt = load_model(run_or_ckpt, weights, device)
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
-    steps = steps or recipe.sample.steps
+    steps = recipe.sample.steps if steps is None else steps
     clip = recipe.sample.clip_x0 if clip is None else clip
     clip = formulation.clip_x0 if clip is None else clip
-    batch_size = batch_size or recipe.sample.batch_size
+    batch_size = recipe.sample.batch_size if batch_size is None else batch_size
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     if steps is not None and steps <= 0:
