@@ -241,8 +241,28 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder."),
     print(json.dumps(out, indent=2))
 
 
-def main() -> None:
-    app()
+def main(argv: Optional[List[str]] = None, prog_name: str = "ddaepp") -> None:
+    """Entry point: Click's own parse errors (unknown option, `--n abc`, missing argument, unknown
+    command) become one `error:` line and exit 2, like every other bad input (SPEC §1), instead of
+    Click's multi-line usage box."""
+    # Click's UsageError (base of BadParameter, NoSuchOption, MissingParameter): found through the public
+    # typer.BadParameter, because typer ≥ 0.25 vendors its own Click and older releases use click itself.
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        rc = app(args=argv, prog_name=prog_name, standalone_mode=False)
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `ddaepp`: the help is already printed
+            sys.exit(2)
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = e.ctx.command_path if e.ctx is not None else prog_name
+            hint = f" (see '{where} -h')" if e.ctx is not None else ""
+            msg = " ".join(e.format_message().split())  # one line, whatever Click wrapped
+            print(f"error: {where}: {msg}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C outside a command body
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,6 +317,9 @@ class SampleConfig:
     cfg_channels: Literal["all", "first3"] = "all"  # first3: DiT/LightningDiT's guidance of channels [:3] only
 
 
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = "unnamed"
@@ -329,6 +333,10 @@ class Recipe:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        # `name` becomes a folder (`runs/<name>`, `runs/<name>-profile`): it must not escape `runs/`.
+        if not NAME_RE.fullmatch(self.name) or self.name in {".", ".."}:
+            raise UsageError(f"name {self.name!r} must be a plain folder name: letters, digits, '.', '_' or '-', "
+                             "no '/' (it names the default run folder runs/<name>)")
         t = self.train
         if t.global_batch <= 0:
             raise UsageError(f"train.global_batch must be positive, got {t.global_batch}")

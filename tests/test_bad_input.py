@@ -200,3 +200,56 @@ def test_recipes_with_a_broken_shipped_recipe(tmp_path, monkeypatch):
     (tmp_path / "broken.yaml").write_text("name: x\nmodel: {backbone: ddpm\n  - [\n")
     monkeypatch.setattr(cli, "RECIPES_DIR", tmp_path)
     check(invoke("recipes"), 2)
+
+
+# Click's own parse errors, through the real entry point (`main`, what the `ddaepp` script runs).
+PARSE_CASES = [
+    ("not-an-int", "sample RUN --n abc", "Invalid value for '--n'"),
+    ("not-a-float", "probe RUN --lr fast", "Invalid value for '--lr'"),
+    ("unknown-option", "train RECIPE --bogus 1", "No such option: --bogus"),
+    ("unknown-command", "frobnicate", "No such command 'frobnicate'"),
+    ("missing-argument", "train", "Missing argument"),
+    ("missing-option-value", "sample RUN --n", "requires an argument"),
+]
+
+
+@pytest.mark.parametrize("args,needle", [c[1:] for c in PARSE_CASES], ids=[c[0] for c in PARSE_CASES])
+def test_parse_errors_are_one_line(args, needle, capsys):
+    from ddaepp_cli.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args.split())
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ddaepp"), err
+    assert needle in lines[0]
+
+
+def test_parse_error_through_the_installed_module():
+    from conftest import run_cli
+
+    r = run_cli("sample", "nowhere", "--n", "abc")
+    assert r.returncode == 2
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ddaepp sample:"), r.stderr
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", ""])
+def test_recipe_name_cannot_escape_runs(tmp_path, name):
+    p = tmp_path / "r.yaml"
+    p.write_text(SMALL.replace("name: tiny", f"name: {name!r}"))
+    r = invoke("train", p, "--dry-run")
+    check(r, 2)
+    assert "plain folder name" in r.stderr
+    assert not (tmp_path / "escape").exists() and not Path("runs/escape").exists()
+
+
+def test_yaml_is_read_with_a_safe_loader(tmp_path):
+    """A Python-object tag in a recipe is refused, never constructed."""
+    p = tmp_path / "evil.yaml"
+    marker = tmp_path / "pwned"
+    p.write_text(SMALL + f"extra: !!python/object/apply:os.system ['touch {marker}']\n")
+    r = invoke("train", p, "--dry-run")
+    check(r, 2)
+    assert not marker.exists()
