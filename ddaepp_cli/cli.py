@@ -118,6 +118,7 @@ def _print_plan(out: dict) -> None:
     console.print(yaml.safe_dump(out["recipe"], sort_keys=False), markup=False, highlight=False)
     table = Table(title=f"plan: {out['recipe']['name']}", show_header=False)
     rows = [("parameters", f"{out['params']:,}"), ("trainable parameters", f"{out['trainable_params']:,}"),
+            ("training-only parameters", f"{out.get('aux_params', 0):,} (heads, projectors; not in the model)"),
             ("dataset size", f"{out['dataset_size']:,}" if out["dataset_size"] else "unknown until loaded"),
             ("processes", str(out["world_size"])), ("global batch", str(out["global_batch"])),
             ("per-process batch", str(out["per_process_batch"])), ("micro-batch", str(out["micro_batch"])),
@@ -238,7 +239,18 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder."),
     if json_out:
         _emit_json(out)
         return
-    print(json.dumps(out, indent=2))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {run_dir}", show_header=False)
+    for k, v in (("recipe", rec.name), ("backbone", rec.model.backbone), ("formulation", rec.diffusion.formulation),
+                 ("self-conditioning", rec.model.selfcond.layer or "-"),
+                 ("checkpoints", ", ".join(f"step {c['step']}" for c in out["checkpoints"]) or "none")):
+        table.add_row(k, str(v))
+    if last:
+        table.add_row("last logged", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in last.items()))
+    Console().print(table)
 
 
 def main(argv: Optional[List[str]] = None, prog_name: str = "ddaepp") -> None:

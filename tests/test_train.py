@@ -54,6 +54,21 @@ def test_run_directory_layout(reference_run):
         assert "diffusion:" in f.metadata()["recipe"]  # self-describing weights
 
 
+def test_info_summarises_the_run(reference_run):
+    recipe, run, _ = reference_run
+    r = run_cli("info", run, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["name"] == "tiny" and out["backbone"] == "ddpm" and out["formulation"] == "ddpm"
+    assert [c["step"] for c in out["checkpoints"]] == [8, 12]
+    assert out["last_metrics"]["step"] == 12
+    r = run_cli("info", run)
+    assert r.returncode == 0, r.stderr
+    assert "step 8, step 12" in r.stdout and "self-conditioning" in r.stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(r.stdout)  # the human form is a table, not JSON
+
+
 def test_sigkill_then_rerun_gives_identical_losses(reference_run, tmp_path):
     recipe, ref_run, _ = reference_run
     run = tmp_path / "run"
