@@ -310,6 +310,8 @@ def probe(
                        protocol=protocol, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                        hflip=hflip, cache_features=cache_features, weights=weights, seed=seed, device=device,
                        plot=str(plot) if plot else None)
+    if not result:  # ranks other than 0 of a multi-process launch
+        return
     if json_out:
         _emit_json(result)
     else:

@@ -49,6 +49,7 @@ import torch
 
 from . import inception
 from .console import info, progress
+from .distributed import Dist
 from .errors import UnavailableError, UsageError, choices
 from .imageio import image_size_of, list_image_folder, read_rgb
 
@@ -355,39 +356,8 @@ def _no_tf32(device: torch.device):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-class _Dist:
-    """Rank, world size and gather; a single process needs no process group (nor accelerate)."""
-
-    def __init__(self, device: torch.device | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.state = None
-        if self.world > 1:
-            from accelerate import PartialState
-
-            self.state = PartialState(cpu=not torch.cuda.is_available())
-            self.rank, self.device = self.state.process_index, self.state.device
-        else:
-            self.rank = 0
-            self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, obj):
-        if self.state is None:
-            return [obj]
-        from accelerate.utils import gather_object
-
-        return gather_object([obj])
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-
 @torch.no_grad()
-def extract(source: ImageSource, extractor, layers: Sequence[str], dist: _Dist, *, batch_size: int, desc: str,
+def extract(source: ImageSource, extractor, layers: Sequence[str], dist: Dist, *, batch_size: int, desc: str,
             keep_images: bool = False, strided: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Features {layer: (N, D) float32} of every image of `source`, in index order, on the CPU.
 
@@ -603,7 +573,7 @@ def _atomic_np_save(path: Path, arr: np.ndarray) -> None:
         info(f"warning: could not write the FID cache {path}: {e.strerror or e}")
 
 
-def reference_data(ref: Reference, extractor, extractor_info: dict, dist: _Dist, *, need_features: bool,
+def reference_data(ref: Reference, extractor, extractor_info: dict, dist: Dist, *, need_features: bool,
                    use_cache: bool, batch_size: int) -> tuple[Stats, torch.Tensor | None, dict]:
     """Statistics (and pool features when KID/PRC need them) of the reference, cached by content."""
     if ref.stats is not None:
@@ -797,7 +767,7 @@ def fid(samples_or_run: str, *, ref: str | None = None, metrics: str = "fid", n:
     weights_path = inception.find_weights(inception_weights, download=download)  # exit 3 with instructions
     from .features import pick_device
 
-    dist = _Dist(pick_device(device) if device else None)
+    dist = Dist(pick_device(device) if device else None)
     layers = [FEATURES] + ([LOGITS] if "is" in wanted else [])
     extractor = inception.load_extractor(weights_path, layers, device=dist.device, dtype=extractor_dtype)
     ext_info = inception.describe(weights_path, extractor_dtype)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -50,7 +51,24 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UnavailableError(f"no latent cache at {root}: {path} is missing; create it with "
                                f"`ddaepp cache-latents --data <image folder> --vae <vae file> --out {root}`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not a ddaepp latent manifest (not JSON: {e})") from None
+    missing = [k for k in ("num_shards", "shards", "latent_shape", "shard_size", "count") if k not in m] \
+        if isinstance(m, dict) else ["(not a JSON object)"]
+    if missing:
+        raise UsageError(f"{path} is not a ddaepp latent manifest: missing {', '.join(missing)}")
+    # a manifest names only its own shard files (in order once complete): nothing it says can make
+    # ddaepp read outside the cache folder
+    files = [e.get("file") if isinstance(e, dict) else e for e in m["shards"]]
+    bad = [f for k, f in enumerate(files)
+           if not (isinstance(f, str) and re.fullmatch(r"shard-\d{5}\.safetensors", f))
+           or (m.get("complete") and f != shard_file(k))]
+    if bad:
+        raise UsageError(f"{path} names unexpected shard files {bad[:3]}; a cache holds shard-00000.safetensors, "
+                         "shard-00001.safetensors, … in order (re-create it with `ddaepp cache-latents`)")
+    return m
 
 
 def latent_geometry(data) -> tuple[int, int, Optional[int]]:
@@ -234,6 +252,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _canonical_safetensors(payload: bytes) -> bytes:
+    """`payload` with its JSON header's keys sorted: safetensors writes the metadata map in hash order,
+    which changes from process to process, so equal tensors would not give equal bytes (nor checksums)."""
+    n = int.from_bytes(payload[:8], "little")
+    text = json.dumps(json.loads(payload[8:8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(text) > n:  # never for safetensors' own compact header; keep the file as written
+        return payload
+    return payload[:8] + text + b" " * (n - len(text)) + payload[8 + n:]
+
+
 def _write_json(path: Path, obj: dict) -> None:
     _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
@@ -342,11 +370,11 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
                   image_size: int = 256, batch_size: int = 32, shard_size: int = 10_000,
                   vae_kind: Optional[str] = None, num_workers: int = 4) -> dict:
     """Encode an image folder into a latent cache (module doc); returns a summary."""
-    from accelerate import PartialState
     from safetensors.torch import save as st_save
 
     from .console import info, progress
     from .data import _CatchErrors, _collate, _Failure
+    from .distributed import Dist
     from .imageio import list_image_folder
     from .seeding import per_sample_randn
     from .vae import load_vae
@@ -358,8 +386,8 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
         raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
     data, out = Path(data), Path(out)
     files, labels, classes = list_image_folder(str(data))
-    state = PartialState()
-    rank, world, device = state.process_index, state.num_processes, state.device
+    dist = Dist()
+    rank, world, device = dist.rank, dist.world, dist.device
     model = load_vae(vae, vae_kind, device=device)
     f = model.downsample
     if image_size % f:
@@ -369,6 +397,7 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
     settings = _settings(data, files, labels, classes, image_size, shard_size, ident, latent_shape)
     fingerprint = hashlib.sha256(json.dumps({k: settings[k] for k in _SAME}, sort_keys=True).encode()).hexdigest()
     _check_out_folder(out, settings)
+    dist.barrier()  # every rank checks the folder before rank 0 writes there (its temporary file is no cache)
     n = len(files)
     num_shards = (n + shard_size - 1) // shard_size
     bounds = [(k * shard_size, min(n, (k + 1) * shard_size)) for k in range(num_shards)]
@@ -379,14 +408,15 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
             stale.unlink(missing_ok=True)
         if not (out / MANIFEST).is_file():  # claims the folder for this cache before anything is encoded
             _write_json(out / MANIFEST, _manifest(settings, [None] * num_shards, ident, complete=False))
-    state.wait_for_everyone()
+    dist.barrier()
 
     mine = [k for k in range(num_shards) if k % world == rank]
     finished = {k: _shard_ok(out, k, bounds[k][1] - bounds[k][0], fingerprint) for k in mine}
     todo = [k for k in mine if finished[k] is None]
-    skipped = len(mine) - len(todo)
+    counts = dist.gather((len(mine) - len(todo), len(todo)))  # over every rank: the summary is the whole cache's
+    skipped, encoded = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if skipped:
-        info(f"cache-latents: {skipped} finished shard(s) kept, {len(todo)} to encode")
+        info(f"cache-latents: {skipped} finished shard(s) kept, {encoded} to encode")
     total = sum(bounds[k][1] - bounds[k][0] for k in todo)
     with progress(total, "cache-latents", "img") as bar:
         for k in todo:
@@ -409,16 +439,16 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
                 mirror.append(z[len(seeds):])
                 bar.update(len(seeds))
             z, z_flip = torch.cat(plain).contiguous(), torch.cat(mirror).contiguous()
-            payload = st_save({"latents": z, "latents_flip": z_flip,
-                               "labels": torch.tensor(labels[lo:hi], dtype=torch.int64)},
-                              metadata={"first": str(lo), "count": str(hi - lo), "fingerprint": fingerprint})
+            payload = _canonical_safetensors(st_save(
+                {"latents": z, "latents_flip": z_flip, "labels": torch.tensor(labels[lo:hi], dtype=torch.int64)},
+                metadata={"first": str(lo), "count": str(hi - lo), "fingerprint": fingerprint}))
             _write_atomic(out / shard_file(k), payload)
             rec = {"file": shard_file(k), "index": k, "first": lo, "count": hi - lo, "bytes": len(payload),
                    "sha256": hashlib.sha256(payload).hexdigest(), "fingerprint": fingerprint, "stats": _shard_stats(z)}
             _write_json(out / _record_file(k), rec)
             finished[k] = rec
 
-    state.wait_for_everyone()
+    dist.barrier()
     if rank == 0:
         records = []
         for k in range(num_shards):
@@ -427,18 +457,14 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
                 rec = json.loads((out / _record_file(k)).read_text(encoding="utf-8"))
             records.append(rec)
         mean, std = combine_stats([r["stats"] for r in records])
-        from safetensors.torch import save_file
-
-        tmp = out / f".{STATS}.tmp-{os.getpid()}"
-        save_file({"mean": torch.from_numpy(mean).float(), "std": torch.from_numpy(std).float()}, str(tmp),
-                  metadata={"over": "every unflipped latent, per channel (float64 accumulation)",
-                            "count": str(n)})
-        os.replace(tmp, out / STATS)
+        _write_atomic(out / STATS, _canonical_safetensors(st_save(
+            {"mean": torch.from_numpy(mean).float(), "std": torch.from_numpy(std).float()},
+            metadata={"over": "every unflipped latent, per channel (float64 accumulation)", "count": str(n)})))
         manifest = _manifest(settings, records, ident, complete=True)
         manifest["stats_values"] = {"mean": mean.tolist(), "std": std.tolist()}
         _write_json(out / MANIFEST, manifest)
-    state.wait_for_everyone()
-    return {"out": str(out), "count": n, "num_shards": num_shards, "encoded_shards": len(todo),
+    dist.barrier()
+    return {"out": str(out), "count": n, "num_shards": num_shards, "encoded_shards": encoded,
             "skipped_shards": skipped, "latent_shape": latent_shape, "image_size": image_size,
             "num_classes": len(classes) if classes else None, "vae": {k: ident[k] for k in ("kind", "file", "sha256")},
             "stats": str(out / STATS), "world_size": world}

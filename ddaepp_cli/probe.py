@@ -17,6 +17,13 @@ the step. Adam is element-wise, so one optimizer over the stacked weights update
 as a separate optimizer would; heads are initialised from generators keyed by their own name, and
 noise, flips and batch order depend only on the seed, so a head learns the same thing in a grid as
 alone (tests/test_probe.py checks it).
+
+Several processes (`torchrun` / `accelerate launch`): every rank reads the same global batch and makes
+the same draws (flips, crops, noise) on it; each runs the backbone on its contiguous share of the batch,
+the pooled features are all-gathered back into batch order, and every rank then trains the small heads
+identically on the whole batch (no gradient all-reduce). The features, and so the results, are those of
+one process up to the backbone's floating-point dependence on batch size (tests/test_multiprocess.py);
+rank 0 writes the record and plot and returns the result, the other ranks return {}.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from torch import Tensor, nn
 
 from .console import info, progress
 from .data import BatchStream, hflip_mask, to_model_range
+from .distributed import Dist
 from .errors import UsageError, choices
 from .features import (DEFAULT_GRID, Time, augment, check_same_classes, dataset_labels, decoder_layers, layer_order,
                        load_eval_dataset, noised_features, ordered_batches, parse_times,
@@ -138,27 +146,41 @@ class LiveFeatures:
     """Features recomputed for every batch: fresh augmentation and noise each time (DDAE §3.2).
 
     One backbone forward per time per batch, stopping after the deepest requested layer; the keys
-    are ordered time-major (`out_6@1, out_7@1, …, out_6@11, …`).
+    are ordered time-major (`out_6@1, out_7@1, …, out_6@11, …`). With several processes (`dist`)
+    each rank runs the backbone on its share of the batch and the features are gathered (module doc).
     """
 
     needs_images = True
 
     def __init__(self, model, formulation, layers: Sequence[str], times: Sequence[Time], *, device, precision: str,
-                 hflip: bool, crop_pad: int, seed: int):
+                 hflip: bool, crop_pad: int, seed: int, dist: Dist | None = None):
         self.model, self.formulation = model, formulation
         self.layers, self.times = list(layers), list(times)
         self.device, self.precision = device, precision
         self.hflip, self.crop_pad, self.seed = hflip, crop_pad, seed
+        self.dist = dist if dist is not None and dist.world > 1 else None
         self.keys = [key_of(layer, t) for t in self.times for layer in self.layers]
         self.dims = [model.feature_dims[layer] for _ in self.times for layer in self.layers]
 
     def features(self, x0: Tensor, noise: Tensor) -> list[Tensor]:
-        out = []
-        for t in self.times:
-            f = noised_features(self.model, self.formulation, x0, t.value, self.layers, noise=noise,
-                                precision=self.precision)
-            out += [f[layer] for layer in self.layers]  # (B, C) each
-        return out
+        """Pooled features (B, C) of every key for the batch x0 noised with `noise` (the whole batch on
+        every rank; with several processes the backbone sees only this rank's share)."""
+        n = x0.shape[0]
+        if self.dist is not None:
+            part = self.dist.share(n)
+            x0, noise = x0[part], noise[part]
+        if x0.shape[0] == 0:  # more ranks than images in this batch
+            out = [x0.new_zeros((0, c), dtype=torch.float32) for c in self.dims]
+        else:
+            out = []
+            for t in self.times:
+                f = noised_features(self.model, self.formulation, x0, t.value, self.layers, noise=noise,
+                                    precision=self.precision)
+                out += [f[layer] for layer in self.layers]  # (b, C) each
+        if self.dist is None:
+            return out
+        flat = self.dist.all_gather_rows(torch.cat(out, 1), n)  # one collective for every key: (B, ΣC)
+        return list(flat.split(self.dims, 1))
 
     def train_batch(self, images: Tensor, step: int) -> list[Tensor]:
         g = per_batch_generator(self.device, self.seed, TRAIN_STREAM + step)
@@ -297,16 +319,21 @@ def evaluate(bank: HeadBank, source, ds, *, batch_size: int, device: torch.devic
 
 def run_bank(model, formulation, layers, times, train_ds, eval_ds, *, num_classes, protocol: Protocol, epochs,
              batch_size, lr, seed, hflip, crop_pad, cache, device, precision, eval_stream, num_workers=0,
-             desc="probe") -> tuple[list[str], Tensor, list[float]]:
-    """Train heads for every (layer, time) on `train_ds` in one pass; accuracies on `eval_ds`."""
+             desc="probe", dist: Dist | None = None) -> tuple[list[str], Tensor, list[float]]:
+    """Train heads for every (layer, time) on `train_ds` in one pass; accuracies on `eval_ds`.
+
+    With several processes (`dist`) every rank returns rank 0's accuracies, so that all ranks choose
+    the same cell even if their identical head training were not bitwise identical (GPU kernels)."""
     live = LiveFeatures(model, formulation, layers, times, device=device, precision=precision, hflip=hflip,
-                        crop_pad=crop_pad, seed=seed)
+                        crop_pad=crop_pad, seed=seed, dist=dist)
     source = CachedFeatures(live, train_ds, batch_size, num_workers) if cache else live
     bank = HeadBank(live.keys, live.dims, num_classes, batchnorm=protocol.batchnorm, seed=seed).to(device)
     losses = train_heads(bank, source, train_ds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          device=device, num_workers=num_workers, desc=desc)
     acc = evaluate(bank, live, eval_ds, batch_size=batch_size, device=device, stream=eval_stream,
                    num_workers=num_workers, desc=f"{desc} eval")
+    if live.dist is not None:
+        acc = live.dist.broadcast(acc)
     return live.keys, acc, losses
 
 
@@ -322,7 +349,9 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
           plot: str | None = None, record: bool = True) -> dict:
     """Library entry of `ddaepp probe`: grid search on a validation split, final probe, test accuracy.
 
-    `epochs`, `batch_size`, `cache_features` = None: the paper's (15, 512, off), or `DATASET_DEFAULTS`."""
+    `epochs`, `batch_size`, `cache_features` = None: the paper's (15, 512, off), or `DATASET_DEFAULTS`.
+    Multi-process aware (module doc): rank 0 writes the record and plot and returns the result, the
+    other ranks return {}."""
     from .build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
@@ -341,7 +370,8 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
         raise UsageError(f"--lr must be positive, got {lr}")
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must lie in [0, 1), got {val_fraction}")
-    dev = pick_device(device)
+    dist = Dist(pick_device(device) if device else None)  # several processes: this rank's device
+    dev = dist.device
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
     formulation = build_formulation(recipe)
@@ -365,7 +395,7 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     workers = recipe.data.num_workers
     common = dict(num_classes=train_full.num_classes, protocol=proto, epochs=epochs, batch_size=batch_size, lr=lr,
                   seed=seed, hflip=hflip, crop_pad=crop_pad, cache=cache_features, device=dev,
-                  precision=precision, num_workers=workers)
+                  precision=precision, num_workers=workers, dist=dist)
     timing = {}
     n_cells = len(layer_list) * len(times)
     info(f"probe {ckpt} ({weights}): {len(layer_list)} layers × {len(times)} times on {train_full.name}, "
@@ -403,6 +433,9 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
                                               eval_stream=TEST_STREAM, desc="final", **common)
         test_acc = float(acc_final[0])
         timing["final_s"] = round(time.perf_counter() - t1, 3)
+    if not dist.main:  # rank 0 alone describes, records and plots the result
+        dist.barrier()
+        return {}
 
     record_path = new_record_path(ckpt, "probe")
     best_acc = next((c["accuracy"] for c in cells if c["layer"] == layer and c["timestep"] == t.text), None)
@@ -422,7 +455,7 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
             "protocol": asdict(proto), "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "optimizer": "adam", "schedule": "cosine per epoch", "features": "global average pool",
             "noise": "fixed per image (cached)" if cache_features else "fresh per batch",
-            "hflip": hflip, "crop_pad": crop_pad, "seed": seed,
+            "hflip": hflip, "crop_pad": crop_pad, "seed": seed, "world_size": dist.world,
             "val_fraction": val_fraction, "split_seed": SPLIT_SEED if selected_on == "val" else None,
             "dataset": {**train_full.info(), "split": "train/test", "num_train": len(train_full),
                         "num_val": val_n, "num_test": len(test_ds),
@@ -439,7 +472,9 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
         result["plot"] = probe_heatmap(cells, layer_list, [x.text for x in times], png,
                                        title=f"{recipe.name}: linear probe ({selected_on} accuracy)",
                                        best=(layer, t.text))
-    result["eval_record"] = str(save_record(record_path, result)) if record else None
+    saved = save_record(record_path, result) if record else None  # None also when the folder is read-only
+    result["eval_record"] = str(saved) if saved else None
+    dist.barrier()
     return result
 
 

@@ -366,6 +366,33 @@ def test_cache_latents_is_independent_of_batch_size(tiny, tmp_path):
     np.testing.assert_allclose(np.array(za["latents_flip"]), np.array(zb["latents_flip"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("tamper", ["escape", "absolute", "reorder", "not-json", "missing-key"])
+def test_a_tampered_manifest_is_refused(tiny, tmp_path, tamper):
+    """A manifest may only name its own shard files: it can never make ddaepp read outside the cache."""
+    import json
+
+    from ddaepp_cli import latents as L
+    from ddaepp_cli.errors import UsageError
+
+    _, images, vae_path, _ = tiny
+    out = Path(L.cache_latents(images, vae_path, tmp_path / "c", image_size=32, batch_size=8, shard_size=3,
+                               num_workers=0)["out"])
+    assert len(L.LatentDataset(out)) > 0  # intact: readable
+    mpath = out / L.MANIFEST
+    m = json.loads(mpath.read_text())
+    if tamper == "escape":
+        m["shards"][0]["file"] = "../../secret.safetensors"
+    elif tamper == "absolute":
+        m["shards"][0]["file"] = "/etc/passwd"
+    elif tamper == "reorder":
+        m["shards"] = m["shards"][::-1]
+    elif tamper == "missing-key":
+        del m["latent_shape"]
+    mpath.write_text("{not json" if tamper == "not-json" else json.dumps(m))
+    with pytest.raises(UsageError, match="manifest|shard files"):
+        L.LatentDataset(out)
+
+
 def test_cache_latents_cli_errors(tiny, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -1,24 +1,41 @@
-"""Two CPU processes (torchrun, gloo) against one: same losses, same images, only rank 0 writes (issue 7.1)."""
+"""Two CPU processes (torchrun, gloo) against one: same losses, same images, same probe, FID and latent-cache
+results, only rank 0 writes, and a killed 2-process training run resumes exactly (issue 7.1, "Many processes")."""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from conftest import ROOT, TINY, run_cli
 
 STEPS = 4
+HELPERS = Path(__file__).resolve().parent / "mp_helpers"
 
 
-def torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 -m ddaepp_cli ARGS` on the CPU (gloo)."""
+def torchrun_cmd(*args, script=None) -> tuple[list[str], dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
                ACCELERATE_USE_CPU="true")
+    target = [str(script)] if script else ["-m", "ddaepp_cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ddaepp_cli", *map(str, args)]
+           *target, *map(str, args)]
+    return cmd, env
+
+
+def torchrun(*args, timeout=300, script=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m ddaepp_cli ARGS` (or SCRIPT ARGS) on the CPU (gloo).
+
+    torchrun's own argument parser takes abbreviations of its options anywhere on the line: `--n 3` (read
+    as `--nnodes`/`--nproc-per-node`) cannot be passed through; `fid` gets `--seeds` instead."""
+    cmd, env = torchrun_cmd(*args, script=script)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
@@ -72,3 +89,180 @@ def check_samples(d, one):
     assert x.shape == (6, 8, 8, 1)
     assert np.array_equal(x, y)
     assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# probe, fid and cache-latents: 2 processes give what 1 process gives
+# ------------------------------------------------------------------------------------------------
+
+
+def save_random_checkpoint(run: Path, recipe_text: str) -> Path:
+    """A checkpoint of an untrained network (no training needed to compare feature extraction)."""
+    from ddaepp_cli.build import build_backbone
+    from ddaepp_cli.checkpoint import save_checkpoint
+    from ddaepp_cli.recipe import recipe_from_dict
+
+    rec = recipe_from_dict(yaml.safe_load(recipe_text))
+    torch.manual_seed(0)
+    net = build_backbone(rec)
+    return save_checkpoint(run, 2, recipe=rec, model=net, ema=net, state={})
+
+
+def test_probe_two_processes_match_one(tmp_path):
+    """Features (cached, live train with flips/crops/noise, live eval; shares of unequal size and an empty
+    one), a head bank trained on live features, and the `probe` library command (grid on a validation
+    split, final probe): 2 processes equal 1 up to the backbone's float32 batch-size dependence, and only
+    rank 0 writes the record and plot (tests/mp_helpers/probe_features.py)."""
+    from mp_helpers.probe_features import main as probe_features
+
+    small = TINY.replace("channels: 64", "channels: 32").replace("ch_mults: [1, 2]", "ch_mults: [1, 1]")
+    save_random_checkpoint(tmp_path / "one", small)
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    probe_features(str(tmp_path / "one"), str(tmp_path / "one.pt"))  # one process, in this one
+    r = torchrun(tmp_path / "two", tmp_path / "two.pt", script=HELPERS / "probe_features.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert (a["world"], b["world"]) == (1, 2) and a["keys"] == b["keys"]
+    for name in ("cache", "cached_train", "live_train", "live_eval"):
+        assert len(a[name]) == len(b[name]) == 4, name
+        for x, y in zip(a[name], b[name]):
+            torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5, msg=name)
+    assert a["bank"]["keys"] == b["bank"]["keys"] and torch.equal(a["bank"]["acc"], b["bank"]["acc"])
+    assert b["bank"]["losses"] == pytest.approx(a["bank"]["losses"], rel=1e-5)
+
+    p, q = a["probe"], b["probe"]
+    assert q["cells"] == p["cells"] and q["best"] == p["best"] and q["selected_on"] == p["selected_on"] == "val"
+    assert q["test_accuracy"] == p["test_accuracy"] and len(p["cells"]) == 4
+    assert q["final_losses"] == pytest.approx(p["final_losses"], rel=1e-5)
+    assert (p["protocol"]["world_size"], q["protocol"]["world_size"]) == (1, 2)
+    for run, result in ((tmp_path / "one", p), (tmp_path / "two", q)):
+        written = sorted(f.name for f in (run / "eval").iterdir())
+        assert len(written) == 2 and {Path(f).suffix for f in written} == {".json", ".png"}, written
+        assert Path(result["eval_record"]).name in written and Path(result["plot"]).name in written
+        assert sorted(f.name for f in run.iterdir()) == ["checkpoints", "eval"]
+    record = json.loads(Path(q["eval_record"]).read_text())
+    assert record["cells"] == q["cells"] and record["protocol"]["world_size"] == 2
+
+
+def test_fid_two_processes_match_one(tmp_path):
+    """`ddaepp fid RUN --seeds 0-2 --ref FOLDER`: generated images sharded by seed (strided), reference files
+    by contiguous blocks (3 files: 1 + 2), both gathered — the same statistics, FID and saved samples as one
+    process; one JSON object on stdout and one record (rank 0)."""
+    from ddaepp_cli import inception
+    from ddaepp_cli.fid import fid
+    from test_fid import TINY_RGB, write_images
+
+    torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
+    write_images(tmp_path / "B", seed=2, n=3, shift=50)
+    save_random_checkpoint(tmp_path / "one", TINY_RGB)
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDAEPP_CACHE", str(tmp_path / "cache"))
+        one = fid(str(tmp_path / "one"), seeds=[0, 1, 2], batch_size=2, ref=str(tmp_path / "B"),  # one process, here
+                  inception_weights=str(tmp_path / "w.pth"), cache=False, save_stats=str(tmp_path / "one.npz"),
+                  save_samples=str(tmp_path / "one-samples"))
+        r2 = torchrun("fid", tmp_path / "two", "--seeds", "0-2", "--batch-size", 2, "--ref", tmp_path / "B",
+                      "--inception-weights", tmp_path / "w.pth", "--no-cache", "--save-stats", tmp_path / "two.npz",
+                      "--save-samples", tmp_path / "two-samples", "--json")
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    two = json.loads(r2.stdout)  # one JSON object: rank 1 prints nothing
+    assert (one["protocol"]["world_size"], two["protocol"]["world_size"]) == (1, 2)
+    assert two["n"] == one["n"] == 3
+    assert abs(two["metrics"]["fid"] - one["metrics"]["fid"]) <= 1e-9 * one["metrics"]["fid"]
+    with np.load(tmp_path / "one.npz") as x, np.load(tmp_path / "two.npz") as y:
+        assert int(x["n"]) == int(y["n"]) == 3
+        np.testing.assert_allclose(y["mu"], x["mu"], rtol=1e-12, atol=1e-14)  # float64 features
+        np.testing.assert_allclose(y["sigma"], x["sigma"], rtol=1e-12, atol=1e-14)
+    with np.load(tmp_path / "one-samples" / "samples.npz") as x, np.load(tmp_path / "two-samples" / "samples.npz") as y:
+        assert np.array_equal(x["arr_0"], y["arr_0"])
+    assert len(list((tmp_path / "two" / "eval").iterdir())) == 1
+
+
+def test_cache_latents_two_processes_match_one(tmp_path):
+    """3 shards of 8 images on 2 ranks (shards 0, 2 and 1): every file of the cache byte for byte as one
+    process writes it (shards, records, statistics, manifest), and a summary of the whole cache."""
+    from test_latents import make_image_folder, write_tiny_vae
+
+    from ddaepp_cli.latents import cache_latents
+
+    write_tiny_vae(tmp_path / "vae.safetensors")
+    images = make_image_folder(tmp_path / "images")
+    one = cache_latents(images, tmp_path / "vae.safetensors", tmp_path / "one", image_size=32, batch_size=2,
+                        shard_size=3, num_workers=0)  # one process, here
+    r2 = torchrun("cache-latents", "--data", images, "--vae", tmp_path / "vae.safetensors", "--out", tmp_path / "two",
+                  "--image-size", 32, "--batch-size", 2, "--shard-size", 3, "--num-workers", 0, "--json")
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    two = json.loads(r2.stdout)  # one JSON object: rank 1 prints nothing
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for s in (one, two):
+        assert (s["num_shards"], s["encoded_shards"], s["skipped_shards"], s["count"]) == (3, 3, 0, 8)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files and len(files) == 8  # no temporary files
+    for name in files:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["complete"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A 2-process training run killed mid-run resumes exactly
+# ------------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def test_two_process_training_killed_mid_run_resumes_exactly(tmp_path):
+    """SIGKILL the whole torchrun job (launcher and workers — torchrun starts each worker in its own
+    session) after the step-4 checkpoint; the same command again resumes and reproduces the losses of an
+    uninterrupted 2-process run bitwise."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = torchrun("train", recipe, "--run-dir", ref, "--max-steps", 8)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    cmd, env = torchrun_cmd("train", recipe, "--run-dir", run, "--max-steps", 8)
+    env["DDAEPP_TEST_STEP_DELAY"] = "0.3"  # train.py's test hook: slow steps, so that the kill lands mid-run
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    workers = []
+    try:
+        deadline = time.time() + 180
+        while not (run / "checkpoints" / "step-0000004").exists():
+            assert p.poll() is None, p.stderr.read().decode()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # in the middle of the next checkpoint interval
+        workers = _children(p.pid)
+        assert len(workers) == 2, workers
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher
+        for w in workers:
+            os.killpg(w, signal.SIGKILL)  # each worker and anything it started
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stderr.close()
+        for w in workers:
+            try:
+                os.killpg(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    done = {rec["step"] for rec in records(run)}
+    assert 4 <= max(done) < 8  # it really was cut short, after the first checkpoint
+    assert sorted(c.name for c in (run / "checkpoints").iterdir() if not c.name.startswith(".")) == ["step-0000004"]
+
+    r = torchrun("train", recipe, "--run-dir", run, "--max-steps", 8)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming" in r.stderr
+    a = {rec["step"]: rec["loss"] for rec in records(run)}
+    b = {rec["step"]: rec["loss"] for rec in records(ref)}
+    assert a == b and sorted(a) == list(range(1, 9))  # bitwise: JSON floats round-trip exactly
