@@ -1,132 +1,191 @@
-"""Ratio benchmarks measured in one run (SPEC §5): machines are noisy, ratios are not.
+"""ddaepp benchmark: ratios measured in one run (SPEC §5) — machines are noisy, ratios are not.
 
-    python benchmarks/bench.py               # paper-size UNets, batch 2, CPU or GPU
-    python benchmarks/bench.py --quick       # smaller nets (smoke test)
+    python benchmarks/bench.py                 # paper-size networks (≈ 10 min on a 2-core CPU, --budget 600)
+    python benchmarks/bench.py --quick         # tiny networks, few repetitions (well under a minute)
+    python benchmarks/bench.py --only a,b      # some groups only (a b c d e f)
 
-Per backbone (`ddpm`, `ddpmpp`) it times one training step (forward + backward + Adam) of
-variants that are interleaved round-robin, and reports each as a ratio to the plain eager step:
-* channels-last vs default memory format;
-* feature-tap path (`forward_with_features` at the self-conditioning layer) vs plain forward —
-  taps must cost nothing when unused and next to nothing when used;
-* self-conditioning: parameter overhead (target ≤ 1.5 %) and step-time overhead (target ≤ 3 %).
-Results are printed as one table and written to benchmarks/results/<machine>-<time>.json.
+Groups (one module each; variants of a group are timed round-robin, medians):
+  a  training step per backbone (ddpm, ddpmpp, UViT-S on 32×32×3; DiT-B/1 on 16×16×32 latents; DiT-L/1
+     with --with-dit-l): our default step vs the naive reference layout (target naive ÷ ours ≥ 1),
+     channels-last, feature taps, torch.compile (child process, compile time excluded but reported;
+     given what is left of the time budget)                                         group_train.py
+  b  self-conditioning: parameters (≤ 1.5 %) and step time (≤ 3 %)                 group_train.py
+  c  contrastive self-distillation and SRA vs the plain diffusion step (SRA ≤ +20 %) group_losses.py
+  d  probe grid L×K in one pass vs a single probe (≤ 1.5× per time); CKA feature vs Gram form
+                                                                                     group_probe.py
+  e  sampler images/s (DDIM / Heun / Euler on ddpmpp); FID Inception features images/s
+                                                                                     group_sampling.py
+  f  data loading images/s (CIFAR pickles, latent shards) ÷ training images/s (≫ 1)  group_data.py
+
+One rich table on stdout; JSON (every row with its target and whether it is met, the machine) in
+benchmarks/results/bench-<cpu|gpu>-<UTC stamp>.json. `--budget` bounds the wall time: groups stop
+adding repetitions when their share is spent (never below 3 rounds), and torch.compile gets what is
+left (a cold inductor compile takes minutes on a small CPU; its row then says n/a and why).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ddaepp_cli.nets import build_backbone  # noqa: E402
+import torch  # noqa: E402
 
-SC_LAYER = {"ddpm": "out_6", "ddpmpp": "out_9"}  # DDAE++ Tab. 9 (CIFAR-10, DDPM/EDM)
+from report import GROUP_TITLES, Row, machine, print_table, write_json  # noqa: E402
 
-
-def machine() -> dict:
-    d = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name(0)
-    return d
+GROUPS = tuple(GROUP_TITLES)
+# Share of --budget for the timed rounds of one interleaved measurement, per group.
+SHARES = {"a": 0.065, "c": 0.05, "e": 0.025}
 
 
-def make_step(name: str, *, device, batch: int, small: bool, selfcond: bool = False,
-              channels_last: bool = False, taps: bool = False):
-    kw = dict(dropout=0.0)
-    if small:
-        kw.update(channels=32)
-    if selfcond:
-        kw.update(selfcond_layer=SC_LAYER[name])
-    torch.manual_seed(0)
-    net = build_backbone(name, **kw).to(device)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    t = torch.rand(batch, device=device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
-    layer = SC_LAYER[name]
+@dataclass
+class Context:
+    device: torch.device
+    quick: bool
+    batch: int
+    reps: int
+    warmup: int
+    sample_batch: int
+    fid_batch: int
+    with_dit_l: bool
+    no_compile: bool
+    compile_reps: int
+    budget_s: float
+    reserve_s: float = 15.0
+    start: float = field(default_factory=time.perf_counter)
+    train_rate: dict = field(default_factory=dict)  # backbone → training images/s (group a, "ours")
+    step_seconds: dict = field(default_factory=dict)
 
-    def step():
-        if taps:
-            out, feats = net.forward_with_features(x, t, [layer])
-            loss = out.square().mean() + 0.0 * feats[layer].mean()
-        else:
-            loss = net(x, t).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
-    params = sum(p.numel() for p in net.parameters())
-    return step, params
+    def time_left(self) -> float:
+        return self.budget_s - self.elapsed()
 
+    def group_budget(self, group: str) -> float | None:
+        return None if self.quick else SHARES.get(group, 0.05) * self.budget_s
 
-def time_interleaved(steps: dict, reps: int, warmup: int = 2) -> dict[str, float]:
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    samples = {k: [] for k in steps}
-    for _ in range(reps):
-        for k, fn in steps.items():  # round-robin: drifts in machine load hit every variant alike
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    def min_reps(self) -> int:
+        """Timed rounds a measurement always gets: 3, or 2 once most of the budget is spent."""
+        return 3 if self.time_left() > 0.35 * self.budget_s else 2
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def parse_groups(values: list[str] | None) -> list[str]:
+    if not values:
+        return list(GROUPS)
+    out = []
+    for v in values:
+        for g in v.replace(" ", "").lower().split(","):
+            if g not in GROUPS:
+                raise SystemExit(f"bench.py: unknown group {g!r}; valid: {', '.join(GROUPS)}")
+            if g not in out:
+                out.append(g)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="channels=32 nets (seconds, for smoke tests)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="tiny networks, few repetitions (smoke test, < 1 min)")
+    ap.add_argument("--only", action="append", metavar="GROUP", help="run only these groups (a-f; repeat or a,b)")
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default: CPU 1, GPU 16; "
+                    "contrastive steps use at least 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per measurement (default 5, quick 2)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    ap.add_argument("--budget", type=float, default=600.0, help="wall-time budget in seconds (default 600)")
+    ap.add_argument("--with-dit-l", action="store_true", help="also DiT-L/1 (on by default on a GPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    groups = parse_groups(args.only)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows, results = [], {"machine": machine(), "batch": args.batch, "quick": args.quick, "backbones": {}}
-    for name in ("ddpm", "ddpmpp"):
-        variants, params = {}, {}
-        for key, opts in {"eager": {}, "channels_last": {"channels_last": True}, "taps": {"taps": True},
-                          "selfcond": {"selfcond": True}}.items():
-            variants[key], params[key] = make_step(name, device=device, batch=args.batch, small=args.quick, **opts)
-        times = time_interleaved(variants, args.reps)
-        base = times["eager"]
-        r = {"step_s": times, "ratio": {k: v / base for k, v in times.items()},
-             "params": params["eager"], "selfcond_params": params["selfcond"] - params["eager"],
-             "selfcond_param_pct": 100.0 * (params["selfcond"] - params["eager"]) / params["eager"]}
-        results["backbones"][name] = r
-        rows.append((name, r))
+    gpu = device.type == "cuda"
+    default_batch = 2 if args.quick else (16 if gpu else 1)
+    ctx = Context(device=device, quick=args.quick, batch=args.batch or default_batch,
+                  reps=args.reps or (2 if args.quick else 5), warmup=args.warmup,
+                  sample_batch=2 if args.quick else (64 if gpu else 2),
+                  fid_batch=1 if args.quick else (64 if gpu else 4),
+                  with_dit_l=args.with_dit_l or (gpu and not args.quick), no_compile=args.no_compile or args.quick,
+                  compile_reps=2 if args.quick else 3, budget_s=args.budget)
+    ctx.log(f"ddaepp bench on {device.type} ({machine().get('gpu') or machine()['cpu']}), groups {','.join(groups)}"
+            f"{', quick' if args.quick else ''}, batch {ctx.batch}, budget {args.budget:.0f} s")
+    rows: list[Row] = []
+    errors: dict[str, str] = {}
 
-    from rich.console import Console
-    from rich.table import Table
+    def guarded(name: str, fn):
+        if name != "f" and ctx.time_left() < ctx.reserve_s + 30:  # keep the budget: report instead of run
+            for g in name.split("/"):
+                rows.append(Row(g, name, "group not run", None, status="skipped",
+                                note=f"time budget ({args.budget:.0f} s) spent; run it alone with --only {g}"))
+            return
+        try:
+            rows.extend(fn())
+        except Exception as e:  # noqa: BLE001 — one failing group must not lose the others' results
+            import traceback
 
-    table = Table(title=f"ddaepp benchmark ratios ({device.type}, batch {args.batch}"
-                        f"{', quick' if args.quick else ''}) — lower is faster; 1.00 = plain eager step")
-    for col in ("backbone", "params", "channels-last", "taps used", "self-cond step", "self-cond params"):
-        table.add_column(col)
-    for name, r in rows:
-        table.add_row(name, f"{r['params']:,}", f"{r['ratio']['channels_last']:.2f}×", f"{r['ratio']['taps']:.2f}×",
-                      f"{r['ratio']['selfcond']:.3f}× (target ≤ 1.03)",
-                      f"+{r['selfcond_params']:,} ({r['selfcond_param_pct']:.2f} %, target ≤ 1.5 %)")
-    Console().print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    tag = "gpu" if device.type == "cuda" else "cpu"
-    out = args.out / f"bench-{tag}-{stamp}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+            traceback.print_exc()
+            errors[name] = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+            for g in name.split("/"):
+                rows.append(Row(g, name, "group failed", None, status="error", note=errors[name][:160]))
+
+    if "a" in groups or "b" in groups:
+        import group_train
+
+        guarded("/".join(g for g in ("a", "b") if g in groups),
+                lambda: group_train.run(ctx, {g for g in ("a", "b") if g in groups}))
+    if "c" in groups:
+        import group_losses
+
+        guarded("c", lambda: group_losses.run(ctx))
+    if "d" in groups:
+        import group_probe
+
+        guarded("d", lambda: group_probe.run(ctx))
+    if "e" in groups:
+        import group_sampling
+
+        guarded("e", lambda: group_sampling.run(ctx))
+    if "f" in groups:
+        import group_data
+
+        guarded("f", lambda: group_data.run(ctx))
+    if "a" in groups:
+        import group_train
+
+        guarded("a", lambda: group_train.compile_rows(ctx))
+
+    order = {k: i for i, k in enumerate(("ddpm", "ddpmpp", "uvit", "dit-B/1", "dit-L/1"))}
+    rows.sort(key=lambda r: (r.group, order.get(r.subject, 99)))  # stable: measurement order within a subject
+    wall = ctx.elapsed()
+    with_target = [r for r in rows if r.target is not None and r.met is not None]
+    results = {
+        "machine": machine(), "device": device.type, "quick": args.quick, "groups_run": groups,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "batch": ctx.batch, "reps": ctx.reps, "warmup": ctx.warmup, "budget_s": args.budget, "wall_s": wall,
+        "summary": {"rows": len(rows), "with_target": len(with_target), "met": sum(bool(r.met) for r in with_target),
+                    "not_met": [f"{r.group} {r.subject}: {r.metric}" for r in with_target if not r.met]},
+        "errors": errors,
+        "groups": {g: [r.to_json() for r in rows if r.group == g] for g in groups},
+        "train_img_per_s": ctx.train_rate,
+    }
+    title = (f"ddaepp benchmark ({device.type}, batch {ctx.batch}{', quick' if args.quick else ''}; "
+             f"{wall:.0f} s) — ratios of variants timed round-robin in this run, medians")
+    print_table(rows, title)
+    s = results["summary"]
+    not_met = f"; not met: {'; '.join(s['not_met'])}" if s["not_met"] else ""
+    print(f"targets met: {s['met']}/{s['with_target']}{not_met}")
+    results["json"] = str(write_json(results, args.out, device))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    res = main()
+    sys.exit(1 if res["errors"] else 0)

@@ -289,7 +289,7 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # None: no clipping (the norm is still logged)
     ema: EMAConfig = field(default_factory=EMAConfig)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on GPU; CPU runs fp32 unless bf16 is forced
-    compile: bool = False  # torch.compile the backbone
+    compile: bool = False  # torch.compile the backbone (for GPUs: on CPU the UNet step measured slower, benchmarks/)
     channels_last: bool = False
     seed: int = 0
     log_every: int = 100  # steps between metrics.jsonl lines

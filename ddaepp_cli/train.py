@@ -303,6 +303,9 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
     model = build_backbone(recipe).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if t.compile and device.type == "cpu":  # benchmarks/group_train.py: compile loses on CPU for the UNets
+        info("warning: train.compile on a CPU: the UNet step measured 0.83-0.88x the speed of eager after "
+             "3 min of compilation (benchmarks/bench.py); it is meant for GPUs")
     objective = build_objective(recipe, model, formulation, net=torch.compile(model) if t.compile else model)
     aux = objective.aux.to(device)  # EDM2 u(σ), contrastive heads (empty for a plain recipe)
     if world > 1 and device.type == "cuda":
