@@ -19,7 +19,6 @@ training-only and travel in state.pt.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
