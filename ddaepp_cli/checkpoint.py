@@ -154,6 +154,41 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def select_checkpoints(path: str | os.PathLike, spec: str | None = None) -> list[Path]:
+    """RUN_OR_CKPT plus `--checkpoints SPEC` → checkpoint folders, oldest first.
+
+    spec None / "latest": the latest (or the given checkpoint); "all": every complete checkpoint of
+    the run; "100000,200000" or "step-0100000,…": those steps. DDAE++ Tab. 2 reports the best of
+    several checkpoints, so evaluation commands take more than one.
+    """
+    if spec is None or spec.strip() in ("", "latest"):
+        return [resolve_checkpoint(path)]
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"--checkpoints needs a run folder, got {p}")
+    ckpts = list_checkpoints(p)
+    if not ckpts:
+        raise UsageError(f"{p} holds no checkpoint (expected {p}/checkpoints/step-*/)")
+    if spec.strip() == "all":
+        return [c for _, c in ckpts]
+    by_step = dict(ckpts)
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        m = STEP_DIR.match(item)
+        try:
+            step = int(m.group(1)) if m else int(item)
+        except ValueError:
+            raise UsageError(f"--checkpoints: {item!r} is not a step number; use all, latest or a list "
+                             f"such as 100000,200000") from None
+        if step not in by_step:
+            have = ", ".join(str(s) for s in sorted(by_step))
+            raise UsageError(f"--checkpoints: {p} has no checkpoint at step {step}; it has: {have}")
+        if by_step[step] not in out:
+            out.append(by_step[step])
+    return sorted(out)
+
+
 def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; truncated/foreign files are a UsageError."""
     if not file.is_file():
