@@ -90,7 +90,13 @@ def build_formulation(recipe: Recipe):
     name = kw.pop("formulation")
     if "timesteps" in kw:  # recipe key `timesteps` is the paper's T
         kw["T"] = kw.pop("timesteps")
-    return _build(name, **kw)
+    formulation = _build(name, **kw)
+    if recipe.data.dataset == "latents":
+        # Clipping follows the data space, not the formulation: x̂0 ∈ [−1, 1] holds for pixels only. Cached
+        # latents are normalised to unit variance (latents.py), and DiT-SRA / LightningDiT sample them
+        # unclipped (`clip_denoised=False`); every sampler reads this default.
+        formulation.clip_x0 = False
+    return formulation
 
 
 def build_augment(recipe: Recipe):

@@ -307,7 +307,7 @@ class SampleConfig:
 
     sampler: Optional[str] = None  # None: the formulation's default (ddpm: ddim, edm: heun, rf: rk45)
     steps: Optional[int] = None  # None: the sampler's paper default (DDIM 100, Heun 18, …)
-    clip_x0: Optional[bool] = None  # clip x̂0 to [−1, 1] in the sampler; None: formulation default (DDPM/EDM on as DDAE, RF off)
+    clip_x0: Optional[bool] = None  # clip x̂0 to [−1, 1] in the sampler; None: pixel DDPM/EDM on (DDAE), RF and every latent run off
     batch_size: int = 256
     # Classifier-free guidance (class-conditional models; diffusion/cfg.py): out = u + w·(c − u) for paper
     # t inside cfg_interval, the conditional output alone outside. 1.0 = no guidance (one forward).
@@ -367,6 +367,9 @@ class Recipe:
 
     def _check_latent(self) -> None:
         m, s, r = self.model, self.sample, self.sra
+        if self.data.dataset == "latents" and s.clip_x0:
+            raise UsageError("sample.clip_x0: true clips x̂0 to [-1, 1], a pixel range; data.dataset latents are "
+                             "normalised to unit variance, so latent runs never clip (leave sample.clip_x0 unset)")
         if s.cfg_scale < 0 or not 0.0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1.0:
             raise UsageError(f"sample.cfg_scale must be >= 0 and sample.cfg_interval [lo, hi] within [0, 1], "
                              f"got {s.cfg_scale}, {list(s.cfg_interval)}")

@@ -220,6 +220,9 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
     steps = recipe.sample.steps if steps is None else steps
+    if clip and recipe.data.dataset == "latents":
+        raise UsageError("--clip clips x̂0 to [-1, 1], a pixel range; this run's latents have unit variance "
+                         "(latent runs sample unclipped)")
     clip = recipe.sample.clip_x0 if clip is None else clip
     clip = formulation.clip_x0 if clip is None else clip
     batch_size = recipe.sample.batch_size if batch_size is None else batch_size

@@ -6,7 +6,7 @@
 h_s: the student's block `student_layer` output tokens (B, N, D); head: Linear(D→2D) → SiLU →
 Linear(2D→D) (SRA `SimpleHead`, discarded after training); h̄_T: the EMA teacher's raw block
 `teacher_layer` output at the lower noise t' = clamp(t − Δ·u, 0, 1), u ~ U(0, 1) (the paper's dynamic
-interval; DDPM: Δ·T steps, clamped to [1, T]), with the same noise and labels. ℓ: smooth-L1 with
+interval; DDPM: Δ·T steps, clamped to step index ≥ 1 as DiT-SRA), with the same noise and labels. ℓ: smooth-L1 with
 β = 0.05 averaged over batch, tokens and channels (paper), or 1 − cosine similarity over channels per
 token ("cosine"; the SRA code's own cosine runs over the token axis, a quirk we do not copy).
 
@@ -51,9 +51,12 @@ class SRAHead(nn.Module):
     def teacher_time(self, formulation, t: Tensor, u: Tensor) -> Tensor:
         """t' = t − Δ·u (dynamic) or t − Δ (fixed), clamped to the schedule (paper time, t = 0 is data)."""
         gap = u if self.dynamic else torch.ones_like(u)
-        if formulation.name == "ddpm":  # SRA:DiT-SRA: t − U{0..Δ·T−1} steps, clamped to [1, T]
+        if formulation.name == "ddpm":
+            # DiT-SRA (SRA repo, DiT-SRA/diffusion/gaussian_diffusion.py `training_losses`): on its step index
+            # i = t − 1 ∈ 0..T−1, i' = clamp(i − U{0..Δ·T−1}, 1, T−1) — index ≥ 1, so ddaepp's t' ≥ 2. (At
+            # i = 0 that gives i' = 1, a teacher one step noisier than the student, exactly as DiT-SRA.)
             steps = torch.floor(gap * self.interval * formulation.T).clamp(max=max(0, self.interval * formulation.T - 1))
-            return (t - steps.to(t.dtype)).clamp(1, formulation.T)
+            return (t - steps.to(t.dtype)).clamp(2, formulation.T)
         return (t - (gap * self.interval).to(t.dtype)).clamp(0.0, 1.0)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
