@@ -266,3 +266,73 @@ def test_two_process_training_killed_mid_run_resumes_exactly(tmp_path):
     a = {rec["step"]: rec["loss"] for rec in records(run)}
     b = {rec["step"]: rec["loss"] for rec in records(ref)}
     assert a == b and sorted(a) == list(range(1, 9))  # bitwise: JSON floats round-trip exactly
+
+
+# ------------------------------------------------------------------------------------------------
+# Every recipe family with an EMA teacher: 2 processes train what 1 process trains
+# ------------------------------------------------------------------------------------------------
+
+
+def _compare_runs(one: Path, two: Path, keys: tuple[str, ...], steps: int) -> None:
+    from safetensors.torch import load_file
+
+    a, b = records(one), records(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (k, x, y)
+    c1, c2 = (latest := lambda r: sorted((r / "checkpoints").iterdir())[-1])(one), latest(two)
+    for name in ("model.safetensors", "ema.safetensors"):
+        w1, w2 = load_file(c1 / name), load_file(c2 / name)
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=f"{name}:{k}")
+    s1, s2 = (torch.load(c / "state.pt", weights_only=True) for c in (c1, c2))
+    for k in s1["aux_ema"]:  # the teacher's heads (contrastive projector; SRA head)
+        torch.testing.assert_close(s1["aux_ema"][k], s2["aux_ema"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _write_recipe(path: Path, base: Path, sets: list[str]) -> Path:
+    from ddaepp_cli.recipe import load_recipe, recipe_to_yaml
+
+    path.write_text(recipe_to_yaml(load_recipe(base, sets)))
+    return path
+
+
+@pytest.mark.slow
+def test_sra_and_contrastive_two_processes_match_one(tmp_path):
+    """Before: each rank built its EMA (the SRA / contrastive teacher) from its own seed before DDP synced
+    the online weights; losses (loss_sra) differed from one process while rank 0's checkpoint looked fine."""
+    from ddaepp_cli import latents
+    from test_latents import make_image_folder, write_tiny_vae
+
+    os.environ.setdefault("DDAEPP_CACHE", str(tmp_path / "cache-home"))
+    vae = tmp_path / "vae.safetensors"
+    write_tiny_vae(vae)
+    cache = tmp_path / "latents"
+    latents.cache_latents(make_image_folder(tmp_path / "images", per_class=4), vae, cache, image_size=32,
+                          batch_size=4, shard_size=8, num_workers=0)
+    steps = 3
+    sra = _write_recipe(tmp_path / "sra.yaml", ROOT / "recipes" / "imagenet256_sra_ditb.yaml", [
+        f"data.root={cache}", "data.latent_channels=8", "data.num_workers=0", "model.width=32", "model.depth=8",
+        "model.heads=2", "model.num_classes=2", "train.global_batch=4", "train.precision=fp32", "train.log_every=1",
+        "train.checkpoint_every=1000", "train.sample_every=0", "train.lr=1e-3"])  # the recipe's EMA 0.9999
+    contrastive = _write_recipe(tmp_path / "cl.yaml", ROOT / "recipes" / "cifar100_edm_ddpm_sc_aug_cl.yaml", [
+        "data.dataset=digits", "data.image_size=8", "data.num_workers=0", "model.channels=32",
+        "model.ch_mults=[1, 1]", "model.n_blocks=1", "model.attn_resolutions=[4]", "model.selfcond.layer=out_2",
+        "model.dropout=0.0",  # dropout draws from the per-rank RNG
+        "contrastive.hidden=32", "contrastive.dim=16",
+        # BatchNorm in the heads is per process on CPU (SyncBatchNorm needs CUDA): without it the step is
+        # process-count independent; on GPUs the heads' BN is synchronised.
+        "contrastive.norm=none", "train.global_batch=8", "train.batch_per_process=null", "train.precision=fp32",
+        "train.log_every=1", "train.checkpoint_every=1000", "train.sample_every=0", "train.ema.decay=0.5",
+        "train.ema.warmup=none"])
+    env = {"DDAEPP_CACHE": os.environ["DDAEPP_CACHE"]}
+    for recipe, keys in ((sra, ("loss", "loss_diff", "loss_sra")), (contrastive, ("loss", "loss_diff", "loss_moco"))):
+        one, two = tmp_path / f"{recipe.stem}-one", tmp_path / f"{recipe.stem}-two"
+        r1 = run_cli("train", recipe, "--run-dir", one, "--max-steps", steps, env=env)
+        assert r1.returncode == 0, r1.stderr
+        cmd, e = torchrun_cmd("train", recipe, "--run-dir", two, "--max-steps", steps)
+        r2 = subprocess.run(cmd, capture_output=True, text=True, env={**e, **env}, timeout=600, cwd=ROOT)
+        assert r2.returncode == 0, r2.stdout + r2.stderr
+        _compare_runs(one, two, keys, steps)
