@@ -111,9 +111,8 @@ class TrainBench:
         draws = obj.draw(self.batch, x.shape[1:], generator=self.generator, device=self.device)
         with self.autocast(mixed_precision):
             batch = obj.batch(x, draws, self.labels)
-            keys = obj.teacher_keys(self.ema.module, self.aux_ema.module if self.aux_ema else None, batch, draws)
-            target = obj.teacher_targets(self.ema.module, batch, draws)
-            loss, _ = obj(batch, keys, target, 0.0)
+            teach = obj.teacher_outputs(self.ema.module, self.aux_ema.module if self.aux_ema else None, batch, draws)
+            loss, _ = obj(batch, teach, 0.0)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if bool(torch.isfinite(grad_norm)):  # train.py's non-finite guard (a host sync on GPUs)

@@ -57,10 +57,9 @@ def train_step(ts: TrainState, x: torch.Tensor, labels: torch.Tensor, *, plan, w
         last = m == plan.grad_accum - 1
         with (nullcontext() if last or no_sync is None else no_sync()), ts.autocast():
             batch = obj.batch(x[sl], draws[sl], labels[sl])  # views, times, noise, labels
-            keys = obj.teacher_keys(ts.teacher, ts.teacher_aux, batch, draws[sl], gather=ts.gather,
-                                    rank=ts.rank)  # EMA teacher (contrastive)
-            target = obj.teacher_targets(ts.teacher, batch, draws[sl])  # EMA teacher (SRA)
-            loss, step_parts = ts.net(batch, keys, target, ts.step / plan.steps_per_epoch)
+            teach = obj.teacher_outputs(ts.teacher, ts.teacher_aux, batch, draws[sl], gather=ts.gather,
+                                        rank=ts.rank)  # the auxiliary losses' EMA teacher (no grad)
+            loss, step_parts = ts.net(batch, teach, ts.step / plan.steps_per_epoch)
             if fault:
                 loss = loss * float("nan")
         ts.scaler.scale(loss / plan.grad_accum).backward()
