@@ -304,3 +304,68 @@ def test_repa_sra_read_heads_dropped_and_backbone_named(tmp_path, family, head, 
     assert code == 2 and len(err) == 1
     assert "issue 14" in err[0] and f"2 dropped: {reason}" in err[0] and f"{len(sd) - 1} network tensors" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# VAEs in diffusers' layout; a latent import that samples through its own statistics and VAE
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diffusers_vae(tmp_path_factory):
+    from test_latents import write_tiny_vae
+
+    from ddaepp_cli.vae import load_vae
+
+    root = tmp_path_factory.mktemp("vae")
+    write_tiny_vae(root / "ldm.safetensors", extra_training_keys=False)
+    ldm = load_vae(root / "ldm.safetensors")
+    ldm.model.save_pretrained(root / "hf")  # diffusers' own layout: config.json + diffusion_pytorch_model.safetensors
+    return root, ldm
+
+
+def test_diffusers_layout_vae_loads_like_the_ldm_file(diffusers_vae, tmp_path):
+    import shutil
+
+    from ddaepp_cli.vae import load_vae
+
+    root, ldm = diffusers_vae
+    alone = tmp_path / "vae.safetensors"  # the weights file without its config.json: architecture from shapes
+    shutil.copy(root / "hf" / "diffusion_pytorch_model.safetensors", alone)
+    z = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    for path in (root / "hf", root / "hf" / "diffusion_pytorch_model.safetensors", alone):
+        vae = load_vae(path)
+        assert vae.config["latent_channels"] == 8 and vae.config["block_out_channels"] == ldm.config["block_out_channels"]
+        torch.testing.assert_close(vae.decode(z), ldm.decode(z))
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(alone))
+    del sd["decoder.up_blocks.0.resnets.0.conv1.bias"]
+    save_file(sd, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(Exception, match="missing.safetensors does not match the autoencoder: keys 1 missing"):
+        load_vae(tmp_path / "missing.safetensors")
+
+
+def test_lightningdit_latent_import_samples_with_its_stats_and_vae(diffusers_vae, tmp_path):
+    root, _ = diffusers_vae
+    src = tmp_path / "lightningdit-b1.pt"
+    torch.save(R.lightningdit_state_dict(in_ch=8, seed=4), src)  # a released file: the EMA state dict alone
+    stats = tmp_path / "latents_stats.pt"
+    torch.save({"mean": torch.randn(1, 8, 1, 1), "std": torch.rand(1, 8, 1, 1) + 0.5}, stats)
+    run = tmp_path / "run"
+    args = ["import", src, "--from", "lightningdit", "--recipe", "imagenet256_rf_ditb_cond", "--out", run,
+            *LDIT_SET, "--set", "data.latent_channels=8"]
+    code, err, _ = cli(*args, "--vae", root / "hf")
+    assert code == 2 and "--latent-stats and --vae go together" in err[0]
+    code, err, out = cli(*args, "--vae", root / "hf", "--latent-stats", stats, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["latents"]["stats_file"] == "latents_stats.pt" and res["latents"]["vae"]["kind"] == "custom"
+    manifest = json.loads((run / "latents" / "manifest.json").read_text())
+    assert manifest["latent_shape"] == [8, 4, 4]
+    code, err, _ = cli("sample", run, "--seeds", "0-1", "--steps", "2", "--class-label", "3", "--out", tmp_path / "s",
+                       "--format", "png")
+    assert code == 0, err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "000001.png").size == (16, 16)  # 4×4 latents through an f4 decoder

@@ -170,7 +170,7 @@ def _latent_folder(recipe, out: Path, vae, latent_stats):
                          f"data.latent_channels is {c}: they must agree")
     size = recipe.data.image_size or (16 if v.latent_channels == 32 else 32)
     folder = (out / "latents").resolve()
-    recipe = replace(recipe, [f"data.root={folder}", f"data.vae={Path(vae).resolve()}", "data.image_size=null"])
+    recipe = replace(recipe, [f"data.root={folder}", f"data.vae={v.path.resolve()}", "data.image_size=null"])
     ident = v.identity()
     manifest = {"version": 1, "count": 0, "complete": False, "num_shards": 0, "shards": [], "shard_size": 0,
                 "latent_shape": [v.latent_channels, size, size], "stats": STATS,
