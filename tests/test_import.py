@@ -113,6 +113,14 @@ def test_ddae_ddpm_conv_unet_forward_equals_ddae(tmp_path):
         eps = f.predict(net, x, t).eps
         ref = ema.eval()(x, t / 1000.0)  # ddae model/DDPM.py: nn_model(x, t / n_T)
     torch.testing.assert_close(eps, ref, atol=2e-5, rtol=1e-4)
+    # --weights model: the raw weights (MODEL) become what every command reads by default
+    code, err, out = cli("import", src, "--from", "ddae", "--recipe", "cifar10_ddpm_ddpm", "--out", tmp_path / "raw",
+                         *DDAE_SET, "--weights", "model", "--json")
+    assert code == 0, err
+    assert json.loads(out)["dropped"]["EMA weights (--weights model imports the raw weights)"] == len(ema.state_dict())
+    _, net, _ = load_model(tmp_path / "raw")
+    with torch.no_grad():
+        torch.testing.assert_close(f.predict(net, x, t).eps, raw.eval()(x, t / 1000.0), atol=2e-5, rtol=1e-4)
 
 
 def test_ddae_tampered_files_exit_2_with_one_line(tmp_path):
