@@ -200,7 +200,7 @@ def test_uvit_import_time_scale_and_forward(tmp_path):
     res = json.loads(out)
     assert res["recipe_overrides"] == ["model.time_scale=999"] and res["dropped"] == {}
     gap = float(res["conventions"][1].rsplit(" ", 1)[1])
-    assert 0 < gap < 0.02  # the discrete table and the VP-SDE agree closely, not exactly
+    assert 0 < gap < 5e-3  # the discrete table and the VP-SDE agree closely, not exactly
     recipe, net, _ = load_model(tmp_path / "run")
     assert recipe.model.time_scale == 999
     f = build_formulation(recipe)
@@ -377,3 +377,16 @@ def test_lightningdit_latent_import_samples_with_its_stats_and_vae(diffusers_vae
     from PIL import Image
 
     assert Image.open(tmp_path / "s" / "000001.png").size == (16, 16)  # 4×4 latents through an f4 decoder
+
+
+@pytest.mark.parametrize("family", ["dit", "sit", "sra"])
+def test_released_dit_sit_state_dicts_name_the_missing_backbone(tmp_path, family):
+    sd = R.sit_state_dict()
+    if family == "sra":
+        sd["ap_head.fc2.weight"] = torch.randn(64, 128)
+    src = tmp_path / f"{family}-B-2.pt"
+    torch.save(sd, src)  # released files: the EMA state dict alone
+    code, err, _ = cli("import", src, "--from", family, "--recipe", "imagenet256_rf_ditb_cond", "--out", tmp_path / "r")
+    assert code == 2 and len(err) == 1 and f"--from {family} needs the original DiT/SiT backbone of issue 14" in err[0]
+    assert f"{len(R.sit_state_dict())} network tensors" in err[0]
+    assert ("1 dropped: SRA self-alignment head" in err[0]) == (family == "sra")

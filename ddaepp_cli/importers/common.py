@@ -53,17 +53,20 @@ def read_source(path: Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise UsageError(f"cannot read {path}: not a safetensors file ({_first_line(e)})") from None
+    import zipfile
+
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):  # zip files are memory-mapped, not copied
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # foreign pickle refused by the weights-only unpickler, truncated zip, not a file of torch
         text = " ".join(str(e).split())
         marker = "Unsupported global: GLOBAL "
         if marker in text:  # name the class the file wants to build
             what = text.split(marker, 1)[1].split(" ")[0]
             raise UsageError(f"refusing {path}: it needs arbitrary unpickling (it stores a {what} object); "
-                             f"ddaepp reads checkpoints with torch.load(weights_only=True) only — re-save its "
-                             f"state dicts of tensors") from None
+                             f"ddaepp reads checkpoints with torch.load(weights_only=True) only; if you trust the file, "
+                             f"re-save its state dicts, e.g. torch.save(torch.load(F, weights_only=False)['ema'], "
+                             f"'ema.pt')") from None
         raise UsageError(f"cannot read {path} with torch.load(weights_only=True): {text[:200]}") from None
 
 
