@@ -274,11 +274,14 @@ def eva_rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def lightningdit_state_dict(*, width=64, depth=2, heads=2, in_ch=4, grid=4, patch=1, num_classes=10,
-                            seed=0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random tensors under LightningDiT's key names and shapes (SwiGLU, RMSNorm, RoPE, no qk-norm)."""
+                            seed=0, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+    """Random tensors under LightningDiT's key names and shapes (SwiGLU, RMSNorm, RoPE, no qk-norm);
+    `device="meta"` gives the layout without memory (the RoPE tables stay real: they are checked)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
+        if device == "meta":
+            return torch.empty(*shape, device="meta", dtype=dtype)
         return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
 
     hidden = int(2 / 3 * 4 * width)

@@ -390,3 +390,36 @@ def test_released_dit_sit_state_dicts_name_the_missing_backbone(tmp_path, family
     assert code == 2 and len(err) == 1 and f"--from {family} needs the original DiT/SiT backbone of issue 14" in err[0]
     assert f"{len(R.sit_state_dict())} network tensors" in err[0]
     assert ("1 dropped: SRA self-alignment head" in err[0]) == (family == "sra")
+
+
+# ------------------------------------------------------------------------------------------------
+# The real layouts at their published sizes (meta device: shapes and names, no memory)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,recipe,make,params", [
+    ("ddae", "cifar10_ddpm_ddpm", lambda: R.DDAEUNet(128, (1, 2, 2, 2), (False, True, False, False), 2), 35_746_307),
+    ("ddae", "cifar10_edm_ddpmpp", lambda: R.DDAEUNet(128, (2, 2, 2), (False, True, False), 4, biggan=True), 56_524_291),
+    ("uvit", "cifar10_ddpm_uvit", lambda: R.UViT(32, 2, 512, 12, 8), 44_255_328),
+    ("lightningdit", "imagenet256_rf_ditxl_cond", None, 675_256_736),
+])
+def test_published_sizes_map_completely(tmp_path, family, recipe, make, params):
+    from ddaepp_cli.build import build_backbone
+    from ddaepp_cli.cli import _resolve_recipe_path
+    from ddaepp_cli.importers import FAMILIES
+    from ddaepp_cli.importers.common import check_against
+    from ddaepp_cli.recipe import load_recipe, replace
+
+    rec = load_recipe(_resolve_recipe_path(recipe), ["data.root=/nonexistent"])
+    fam = FAMILIES[family]
+    rec = replace(rec, fam.overrides(rec))
+    model = build_backbone(rec, device="meta")
+    if make is None:
+        sd = R.lightningdit_state_dict(width=1152, depth=28, heads=16, in_ch=32, grid=16, num_classes=1000, device="meta")
+    else:
+        with torch.device("meta"):
+            sd = make().state_dict()
+    mapped = fam.convert(sd, model, tmp_path / "file.pt")
+    state = check_against(model, mapped, tmp_path / "file.pt", "EMA weights")
+    assert sum(v.numel() for k, v in state.items() if k in dict(model.named_parameters())) == params
+    assert len(mapped.tensors) + sum(len(v) for v in mapped.dropped.values()) == len(sd)

@@ -85,8 +85,12 @@ def extract_dict(obj: dict, path: Path, family: str, heads: tuple[str, ...] = ()
 
 
 def convert(sd, model: torch.nn.Module, path: Path) -> Mapped:
-    derived = {"feat_rope.freqs_cos": getattr(model, "rope_cos", None), "feat_rope.freqs_sin": getattr(model, "rope_sin", None)}
-    for key, table in derived.items():
+    from ..nets.dit import rope_tables
+
+    cfg = model.config
+    tables = rope_tables(cfg["width"] // cfg["heads"], cfg["image_size"] // cfg["patch_size"]) if model.use_rope \
+        else (None, None)  # computed here, on the CPU, whatever device the model was built on
+    for key, table in zip(("feat_rope.freqs_cos", "feat_rope.freqs_sin"), tables):
         if key in sd:
             if table is None:
                 raise UsageError(f"{path} was trained with RoPE ({key}); set model.rope: true in the recipe")
