@@ -329,3 +329,52 @@ def sit_state_dict(*, width=64, depth=2, in_ch=4, grid=4, patch=2, num_classes=1
                "final_layer.adaLN_modulation.1.weight": r(2 * width, width),
                "final_layer.adaLN_modulation.1.bias": r(2 * width)})
     return sd
+
+
+def lightningdit_forward(sd: dict[str, torch.Tensor], x, t, y, *, heads: int, patch: int = 1) -> torch.Tensor:
+    """LightningDiT.forward (models/lightningdit.py) computed from its state dict: SwiGLU, RMSNorm, EVA RoPE."""
+    b, c, hh, ww = x.shape
+    width = sd["x_embedder.proj.bias"].shape[0]
+    hd = width // heads
+
+    def lin(h, name):
+        return F.linear(h, sd[name + ".weight"], sd[name + ".bias"])
+
+    def rms(h, w):  # models/rmsnorm.py: float32 statistics, eps 1e-6, learnable weight
+        hf = h.float()
+        return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(h) * w
+
+    def rotate_half(q):  # EVA: "... (d r) -> ... d r", (-x2, x1)
+        q = q.reshape(*q.shape[:-1], -1, 2)
+        return torch.stack((-q[..., 1], q[..., 0]), -1).flatten(-2)
+
+    def mod(h, shift, scale):
+        return h * (1 + scale[:, None]) + shift[:, None]
+
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    h = h + sd["pos_embed"]
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    a = t[:, None].float() * freqs[None]
+    temb = torch.cat([a.cos(), a.sin()], -1)
+    cvec = lin(F.silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    cos, sin = sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"]
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        p = f"blocks.{i}."
+        sh1, sc1, g1, sh2, sc2, g2 = lin(F.silu(cvec), p + "adaLN_modulation.1").chunk(6, dim=1)
+        z = mod(rms(h, sd[p + "norm1.weight"]), sh1, sc1)
+        n = z.shape[1]
+        q, k, v = lin(z, p + "attn.qkv").reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        att = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(-1) @ v
+        h = h + g1[:, None] * lin(att.transpose(1, 2).reshape(b, n, width), p + "attn.proj")
+        z = mod(rms(h, sd[p + "norm2.weight"]), sh2, sc2)
+        x1, x2 = lin(z, p + "mlp.w12").chunk(2, dim=-1)
+        h = h + g2[:, None] * lin(F.silu(x1) * x2, p + "mlp.w3")
+        i += 1
+    shift, scale = lin(F.silu(cvec), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    h = lin(mod(rms(h, sd["final_layer.norm_final.weight"]), shift, scale), "final_layer.linear")
+    gh, gw = hh // patch, ww // patch
+    h = h.reshape(b, gh, gw, patch, patch, c)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(b, c, gh * patch, gw * patch)

@@ -243,6 +243,18 @@ def test_lightningdit_import_maps_every_key_and_checks_rope(tmp_path):
         assert torch.equal(own["y_embedder.weight"], sd["y_embedder.embedding_table.weight"])
         assert torch.equal(own["blocks.1.mlp.w3.weight"], sd["blocks.1.mlp.w3.weight"])
         assert len(own) == len(sd) - 2
+    # the imported network computes what LightningDiT's forward computes on the same weights, and the
+    # formulation hands it LightningDiT's time 1 − t and reads its output as −v
+    from ddaepp_cli.build import build_formulation
+
+    recipe, net, _ = load_model(tmp_path / "run")
+    f = build_formulation(recipe)
+    x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([0.05, 0.5, 0.9]), torch.tensor([1, 7, 3])
+    with torch.no_grad():
+        v_ldit = R.lightningdit_forward(ema, x, 1 - t, y, heads=2)
+        torch.testing.assert_close(net(x, 1 - t, class_labels=y), v_ldit, atol=1e-5, rtol=1e-4)
+        pred = f.predict(net, x, t, class_labels=y)
+    torch.testing.assert_close(pred.x0, x + t.reshape(-1, 1, 1, 1) * v_ldit, atol=1e-5, rtol=1e-4)
     # RoPE tables of another geometry (here: another head width) are refused, naming the key
     bad = dict(ema, **{"feat_rope.freqs_cos": R.eva_rope_tables(16, 4)[0].repeat(1, 2)})
     torch.save(bad, tmp_path / "bad.pt")
