@@ -31,7 +31,7 @@ from .common import Mapped, Source, rename, require_state_dict, split_by_prefix,
 NAME = "ddae"
 BACKBONES = ("ddpm", "ddpmpp")
 FORMULATIONS = ("ddpm", "edm")
-PUBLISHED = "github.com/FutureXiang/ddae (README: Google Drive links to CIFAR-10 / Tiny-ImageNet checkpoints)"
+PUBLISHED = "github.com/FutureXiang/ddae (checkpoints linked from its README)"
 CONVENTIONS = ["network time: t/T under DDPM and c_noise = ln(σ)/4 under EDM, as DDAE (nothing to convert)"]
 WRAPPER = "nn_model."
 

@@ -27,7 +27,7 @@ from .common import Mapped, Source, is_state_dict, rename, strip_prefix
 NAME = "uvit"
 BACKBONES = ("uvit",)
 FORMULATIONS = ("ddpm",)
-PUBLISHED = "github.com/baofff/U-ViT (README: cifar10_uvit_small.pth, Google Drive / Hugging Face thu-ml)"
+PUBLISHED = "github.com/baofff/U-ViT (cifar10_uvit_small.pth, linked from its README)"
 TIME_SCALE = 999.0  # U-ViT:sde.py ScoreModel.predict feeds `t * 999`
 
 
