@@ -435,3 +435,18 @@ def test_published_sizes_map_completely(tmp_path, family, recipe, make, params):
     state = check_against(model, mapped, tmp_path / "file.pt", "EMA weights")
     assert sum(v.numel() for k, v in state.items() if k in dict(model.named_parameters())) == params
     assert len(mapped.tensors) + sum(len(v) for v in mapped.dropped.values()) == len(sd)
+
+
+def test_rf_net_convention_is_a_recipe_option():
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.cli import _resolve_recipe_path
+    from ddaepp_cli.errors import UsageError
+    from ddaepp_cli.recipe import load_recipe
+
+    path = _resolve_recipe_path("imagenet256_rf_ditb_cond")
+    assert build_formulation(load_recipe(path)).net_convention == "ddaepp"
+    f = build_formulation(load_recipe(path, ["diffusion.net_convention=sit"]))
+    t = torch.tensor([0.0, 0.25, 1.0])
+    assert f.net_convention == "sit" and torch.equal(f.net_time(t), 1 - t)
+    with pytest.raises(UsageError, match="net_convention"):
+        load_recipe(path, ["diffusion.net_convention=lightning"])
