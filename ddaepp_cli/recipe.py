@@ -179,6 +179,9 @@ class RFConfig:
     cosine_loss: bool = False  # LightningDiT's extra 1 − cos(v̂, v) over channels per position
     t_max: Optional[float] = None  # largest training/sampling t; None: pixel RF's 1 − 1e-3 (official RF)
     shift: float = 1.0  # timestep shift of the euler/ddim/heun grids (paper convention; latent: 3.3)
+    # "sit": the network takes 1 − t and predicts x0 − ε (LightningDiT / SiT transport), as weights
+    # imported from those code bases do (`ddaepp import`); "ddaepp": paper t and ε − x0 (diffusion/rf.py).
+    net_convention: Literal["ddaepp", "sit"] = "ddaepp"
 
 
 DIFFUSION_SCHEMAS: dict[str, type] = {"ddpm": DDPMConfig, "edm": EDMConfig, "rf": RFConfig}
