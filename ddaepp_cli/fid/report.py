@@ -43,13 +43,14 @@ def print_fid(result: dict) -> None:
 
     if "checkpoints" in result:
         rows = result["checkpoints"]
-        keys = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r["metrics"]) if not k.endswith(("_std", "f_score"))]
         best = (result.get("best") or {}).get("checkpoint")
-        table = Table("checkpoint", *[NAMES.get(k, k) for k in keys], "",
+        table = Table("step", *[NAMES.get(k, k) for k in keys], "",
                       title=f"{result['run']} ({result['n']} images per checkpoint) vs {result['reference_text']}")
         for r in rows:
             ck = r["protocol"]["checkpoint"]
-            table.add_row(Path(ck).name, *[f"{r['metrics'][k]:.6g}" if k in r["metrics"] else "" for k in keys],
+            table.add_row(str(r["protocol"].get("step") if r["protocol"].get("step") is not None else Path(ck).name),
+                          *[f"{r['metrics'][k]:.5g}" if k in r["metrics"] else "" for k in keys],
                           "best" if ck == best else "")
         err.print(table)
         warnings = list(dict.fromkeys(w for r in rows for w in r["warnings"]))
