@@ -228,3 +228,28 @@ def test_bad_input_exit_2_and_missing_weights_exit_3(lat, tmp_path):
         assert code == 3 and len(lines) == 1 and vae.name in lines[0], lines
     finally:
         moved.rename(vae)
+
+
+def test_sfid_on_a_pixel_run_equals_its_saved_folder(lat, tmp_path):
+    """sFID is not tied to latent runs: a pixel run against an image folder (reference features computed and
+    cached with their spatial statistics), and the PNGs it saved, give the same FID and sFID."""
+    from test_fid import TINY_RGB, write_images
+
+    import yaml
+
+    from ddaepp_cli.build import build_backbone
+    from ddaepp_cli.checkpoint import save_checkpoint
+    from ddaepp_cli.recipe import recipe_from_dict
+
+    rec = recipe_from_dict(yaml.safe_load(TINY_RGB))
+    torch.manual_seed(0)
+    net = build_backbone(rec)
+    save_checkpoint(tmp_path / "run", 2, recipe=rec, model=net, ema=net, state={})
+    write_images(tmp_path / "B", seed=2, n=4, shift=50)
+    kw = dict(ref=str(tmp_path / "B"), inception_weights=lat["w"], extractor_dtype="float32", metrics="fid,sfid")
+    live = F.fid(str(tmp_path / "run"), n=4, batch_size=2, save_samples=str(tmp_path / "kept"), **kw)
+    disk = F.fid(str(tmp_path / "kept"), batch_size=3, **kw)  # the reference's statistics from the cache now
+    assert live["reference"]["cache"] == "miss" and disk["reference"]["cache"] == "hit"
+    assert live["protocol"]["metric_protocol"] == "torch-fidelity" and live["metrics"]["sfid"] > 0
+    for k in ("fid", "sfid"):
+        assert rel(disk["metrics"][k], live["metrics"][k]) < 1e-9, k

@@ -126,7 +126,8 @@ def _image_data(ref: Reference, extractor, extractor_info: dict, dist: Dist, *, 
     if use_cache and stats_path.is_file() and (not need_features or feats_path.is_file()):
         try:
             stats = load_stats(stats_path)
-            feats = torch.from_numpy(np.load(feats_path, allow_pickle=False)) if need_features else None
+            # memory-mapped: every rank checks the entry, only rank 0 reads the features
+            feats = np.load(feats_path, mmap_mode="r", allow_pickle=False) if need_features else None
             if (feats is None or feats.shape == (stats.n, DIM)) and (not need_spatial or stats.spatial is not None):
                 hit = stats, feats
         except (UsageError, OSError, ValueError):
@@ -134,7 +135,8 @@ def _image_data(ref: Reference, extractor, extractor_info: dict, dist: Dist, *, 
     if all(dist.gather(hit is not None)):  # every rank must agree, or the sharded extraction would hang
         if not dist.main:
             return None, None, {**cinfo, "cache": "hit"}
-        return hit[0], hit[1], {**cinfo, "cache": "hit", "cache_file": str(stats_path)}
+        feats = torch.from_numpy(np.array(hit[1])) if hit[1] is not None else None
+        return hit[0], feats, {**cinfo, "cache": "hit", "cache_file": str(stats_path)}
     layers = [FEATURES] + ([SPATIAL] if need_spatial else [])
     feats, _ = extract(ref.source, extractor, layers, dist, batch_size=batch_size, desc="fid: reference")
     result_info = {**cinfo, "cache": "miss" if use_cache else "off",
