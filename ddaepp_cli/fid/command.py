@@ -110,53 +110,72 @@ def plan(samples_or_run: str, *, ref, metrics, n, preset, seeds, batch_size, ext
                          f"--cfg-interval apply to a run or checkpoint, not to {samples_or_run}")
     p = Plan(wanted=[], protocol="", reference=None, ref_text=ref, cfg_scale=cfg_scale, cfg_interval=interval)
     if is_run:
-        from ..checkpoint import checkpoint_recipe, select_checkpoints
-
-        p.checkpoints = select_checkpoints(path, checkpoints)
-        p.recipe = checkpoint_recipe(p.checkpoints[-1])
-        if len(p.checkpoints) > 1 and (save_stats or save_samples):
-            raise UsageError("--save-stats and --save-samples take one checkpoint; drop them or choose one "
-                             "with --checkpoints")
-        if seeds is not None:
-            if n is not None or preset is not None:
-                raise UsageError("give --seeds, or --n / --preset, not both")
-            p.count, p.preset = len(seeds), None
-        else:
-            p.count, p.preset = _sample_count(n, preset, PRESETS["fid50k"])
-            p.preset = p.preset or ("fid50k" if n is None else None)
-            seeds = list(range(p.count))
-        p.seeds = seeds
-        if save_samples and Path(save_samples).exists() and any(Path(save_samples).iterdir()):
-            raise UsageError(f"--save-samples {save_samples} exists and is not empty; choose another folder")
-        if ref is None and (metrics is None or _needs_ref(parse_metrics(metrics))):
-            default = f"{p.recipe.data.dataset}-train"  # DDAE/EDM convention: FID against the training set
-            if default in REGISTERED:
-                ref = default
-            elif p.recipe.data.dataset == "latents" and save_stats is None:
-                ref = str(default_adm_reference())  # ImageNet 256²: ADM's reference batch
-                if not Path(ref).is_file():
-                    raise UnavailableError(
-                        f"no --ref given and ADM's reference batch is not at {ref}: download {ADM_REFERENCE_URL} "
-                        "and put it there (or pass --ref FILE/FOLDER)")
-            elif save_stats is None:
-                raise UsageError(f"--ref is needed for a {p.recipe.data.dataset} model: an image folder, an .npz of "
-                                 f"images or statistics, or one of {choices([*REGISTERED, *TORCH_FIDELITY_ONLY])}")
+        ref = _plan_run(p, path, ref=ref, metrics=metrics, n=n, preset=preset, seeds=seeds, checkpoints=checkpoints,
+                        save_stats=save_stats, save_samples=save_samples)
     else:
-        p.count, p.preset = _sample_count(n, preset, None)
-        if path.is_dir():
-            p.source = FolderSource(path, limit=p.count)
-        elif path.suffix == ".npz":
-            keys = npz_keys(path)
-            if "arr_0" not in keys and "mu" in keys:
-                raise UsageError(f"{path} holds statistics, not images: pass it as --ref")
-            p.source = NpzSource(path, limit=p.count)
-        else:
-            raise UsageError(f"{samples_or_run}: give an image folder, an .npz of images (arr_0) or a run/checkpoint")
+        _plan_files(p, path, n=n, preset=preset)
+    _plan_metrics(p, ref, metrics, save_stats=save_stats, data_root=data_root, download=download)
+    p.protocol = protocol or ("adm" if is_adm_batch(p.reference) else "torch-fidelity")
+    return p
+
+
+def _plan_run(p: Plan, path: Path, *, ref, metrics, n, preset, seeds, checkpoints, save_stats, save_samples) -> str | None:
+    """Checkpoints, seeds and the default reference of a run input; returns the reference to use."""
+    from ..checkpoint import checkpoint_recipe, select_checkpoints
+
+    p.checkpoints = select_checkpoints(path, checkpoints)
+    p.recipe = checkpoint_recipe(p.checkpoints[-1])
+    if len(p.checkpoints) > 1 and (save_stats or save_samples):
+        raise UsageError("--save-stats and --save-samples take one checkpoint; drop them or choose one "
+                         "with --checkpoints")
+    if seeds is not None:
+        if n is not None or preset is not None:
+            raise UsageError("give --seeds, or --n / --preset, not both")
+        p.count, p.preset = len(seeds), None
+    else:
+        p.count, p.preset = _sample_count(n, preset, PRESETS["fid50k"])
+        p.preset = p.preset or ("fid50k" if n is None else None)
+        seeds = list(range(p.count))
+    p.seeds = seeds
+    if save_samples and Path(save_samples).exists() and any(Path(save_samples).iterdir()):
+        raise UsageError(f"--save-samples {save_samples} exists and is not empty; choose another folder")
+    if ref is not None or (metrics is not None and not _needs_ref(parse_metrics(metrics))):
+        return ref
+    default = f"{p.recipe.data.dataset}-train"  # DDAE/EDM convention: FID against the training set
+    if default in REGISTERED:
+        return default
+    if save_stats is not None:
+        return None
+    if p.recipe.data.dataset == "latents":  # ImageNet 256²: ADM's reference batch at its documented place
+        adm = default_adm_reference()
+        if not adm.is_file():
+            raise UnavailableError(f"no --ref given and ADM's reference batch is not at {adm}: download "
+                                   f"{ADM_REFERENCE_URL} and put it there (or pass --ref FILE/FOLDER)")
+        return str(adm)
+    raise UsageError(f"--ref is needed for a {p.recipe.data.dataset} model: an image folder, an .npz of "
+                     f"images or statistics, or one of {choices([*REGISTERED, *TORCH_FIDELITY_ONLY])}")
+
+
+def _plan_files(p: Plan, path: Path, *, n, preset) -> None:
+    p.count, p.preset = _sample_count(n, preset, None)
+    if path.is_dir():
+        p.source = FolderSource(path, limit=p.count)
+    elif path.suffix == ".npz":
+        keys = npz_keys(path)
+        if "arr_0" not in keys and "mu" in keys:
+            raise UsageError(f"{path} holds statistics, not images: pass it as --ref")
+        p.source = NpzSource(path, limit=p.count)
+    else:
+        raise UsageError(f"{path}: give an image folder, an .npz of images (arr_0) or a run/checkpoint")
+
+
+def _plan_metrics(p: Plan, ref: str | None, metrics: str | None, *, save_stats, data_root, download) -> None:
+    """The reference and the metrics it allows (default: FID; ADM's set against an ADM reference batch)."""
     p.ref_text = ref
     wanted = parse_metrics(metrics) if metrics is not None else None
     if ref is not None and (wanted is None or _needs_ref(wanted)):
         p.reference = resolve_reference(ref, data_root=data_root, download=download)
-    if wanted is None:  # ADM's reference batch: ADM's set of metrics; otherwise FID
+    if wanted is None:
         wanted = parse_metrics(ADM_METRICS if is_adm_batch(p.reference) else "fid")
     if _needs_ref(wanted) and p.reference is None and save_stats is None:
         raise UsageError("--ref is needed for fid, sfid, kid and prc: a registered name "
@@ -176,8 +195,6 @@ def plan(samples_or_run: str, *, ref, metrics, n, preset, seeds, batch_size, ext
         raise UsageError(f"sFID needs spatial statistics (mu_s, sigma_s, as in ADM's reference batches); {ref} "
                          "holds mu and sigma only: give reference images, or leave sfid out of --metrics")
     p.wanted = wanted
-    p.protocol = protocol or ("adm" if is_adm_batch(r) else "torch-fidelity")
-    return p
 
 
 def _needs_ref(wanted: list[str]) -> bool:
