@@ -4,8 +4,8 @@
   mixed_6/conv (first 7 channels, 7·17·17 = 2023 dimensions; Nash et al. 2021, ADM's evaluator).
 * IS from the bias-free logits (pool3 · W, as ADM's `softmax/logits/MatMul`). `protocol="adm"`:
   consecutive splits of 5000 samples, unshuffled, the mean over splits (ADM's
-  `compute_inception_score`); `"torch-fidelity"`: torch-fidelity's 10 shuffled splits. For 50k
-  samples both use splits of 5000, but different ones.
+  `compute_inception_score`, here in float64 where ADM uses float32); `"torch-fidelity"`:
+  torch-fidelity's 10 shuffled splits. For 50k samples both use splits of 5000, but different ones.
 * KID and precision/recall: torch-fidelity's functions on the pool features. Precision/recall is the
   k-NN manifold method with k = 3 on Inception pool features, as ADM's evaluator (and the DiT/SiT
   papers): a sample is "precise" when it lies within the k-th-neighbour radius of some reference
@@ -67,7 +67,7 @@ def compute_metrics(metrics: Sequence[str], feats: dict[str, torch.Tensor], stat
             mean, std, k = inception_score_adm(feats[LOGITS])
             values["is_mean"], values["is_std"] = mean, std
             settings["is"] = {"feature_layer": LOGITS, "protocol": "adm", "split_size": ADM_IS_SPLIT_SIZE,
-                              "splits": k, "shuffle": False}
+                              "splits": k, "shuffle": False, "precision": "float64"}
         else:
             from torch_fidelity.metric_isc import isc_features_to_metric
 
