@@ -179,6 +179,55 @@ def test_fid_two_processes_match_one(tmp_path):
     assert len(list((tmp_path / "two" / "eval").iterdir())) == 1
 
 
+def test_fid_latent_run_two_processes_match_one(tmp_path):
+    """`ddaepp fid` of a latent DiT run (CFG from the recipe, VAE decoding) against an ADM-layout reference: the
+    FID, sFID and IS statistics of 2 processes equal 1 process's (issue 12)."""
+    from ddaepp_cli import inception
+    from ddaepp_cli.fid import fid
+    from test_fid_latent import make_latent_run, write_adm_reference
+
+    torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDAEPP_CACHE", str(tmp_path / "cache"))
+        lat = make_latent_run(tmp_path, steps=(1,))
+        ref = write_adm_reference(tmp_path, str(tmp_path / "w.pth"))
+        kw = dict(ref=str(ref), inception_weights=str(tmp_path / "w.pth"), metrics="fid,sfid,is")
+        one = fid(str(lat["run"]), seeds=[0, 1, 2], batch_size=2, save_stats=str(tmp_path / "one.npz"), **kw)
+        r2 = torchrun("fid", lat["run"], "--seeds", "0-2", "--batch-size", 2, "--ref", ref, "--metrics", "fid,sfid,is",
+                      "--inception-weights", tmp_path / "w.pth", "--save-stats", tmp_path / "two.npz", "--json")
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    two = json.loads(r2.stdout)
+    assert (one["protocol"]["world_size"], two["protocol"]["world_size"]) == (1, 2)
+    assert two["protocol"]["cfg_scale"] == one["protocol"]["cfg_scale"] == 2.0 and two["protocol"]["latent"]
+    for k, v in one["metrics"].items():
+        assert abs(two["metrics"][k] - v) <= 1e-9 * max(abs(v), 1e-12), (k, two["metrics"][k], v)
+    with np.load(tmp_path / "one.npz") as x, np.load(tmp_path / "two.npz") as y:
+        assert int(x["n"]) == int(y["n"]) == 3
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            np.testing.assert_allclose(y[key], x[key], rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+def test_sample_and_fid_gather_to_rank_zero_only(tmp_path):
+    """Issue 13.7: images (`sample`) and features (`fid`) travel to the writer, rank 0, not to every rank: rank 1
+    receives no payload from the collectives (tests/mp_helpers/gather_to_main.py counts the bytes)."""
+    from ddaepp_cli import inception
+    from test_fid import TINY_RGB, write_images
+
+    torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
+    write_images(tmp_path / "B", seed=2, n=4, shift=50)
+    save_random_checkpoint(tmp_path / "run", TINY_RGB)
+    r = torchrun(tmp_path / "run", tmp_path / "B", tmp_path / "w.pth", tmp_path / "out",
+                 script=HELPERS / "gather_to_main.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rank0, rank1 = (json.loads((tmp_path / f"out-{k}.json").read_text()) for k in (0, 1))
+    share = 4 * 16 * 16 * 3  # rank 1's 4 images of 16×16×3 bytes
+    assert rank0["sample"] > share and rank1["sample"] == 0
+    assert rank0["fid"] > 4 * (2048 + 2023 + 1008) * 4 and rank1["fid"] < 100  # a cache-agreement flag at most
+    with np.load(tmp_path / "out-samples" / "samples.npz") as x, \
+            np.load(tmp_path / "out-fid-samples" / "samples.npz") as y:
+        assert x["arr_0"].shape == (8, 16, 16, 3) and np.array_equal(x["arr_0"], y["arr_0"])
+
+
 def test_cache_latents_two_processes_match_one(tmp_path):
     """3 shards of 8 images on 2 ranks (shards 0, 2 and 1): every file of the cache byte for byte as one
     process writes it (shards, records, statistics, manifest), and a summary of the whole cache."""
