@@ -82,3 +82,22 @@ def cache_latents(
         print(f"cached {result['count']} images as {'×'.join(map(str, result['latent_shape']))} latents in "
               f"{result['num_shards']} shard(s) ({result['encoded_shards']} encoded, {result['skipped_shards']} kept): "
               f"{result['out']}", file=sys.stderr)
+
+
+@app.command("export-digits", epilog="Example: ddaepp export-digits data/digits-imagenet && ddaepp cache-latents "
+             "--data data/digits-imagenet/train --vae tiny-vae.safetensors --out data/digits_lat --image-size 32")
+@handle_errors
+def export_digits(
+    out: Path = typer.Argument(..., help="New (or empty) folder: train/<digit>/, val/<digit>/, val_flat/ + val_labels.txt."),
+    image_size: int = typer.Option(32, "--image-size", help="Side of the PNGs (upsampled from 8×8 as the digits dataset is)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Write scikit-learn's digits as an ImageNet-style class folder (train and val), to try the latent pipeline on a CPU."""
+    from .exportdigits import export_digits as run_export
+
+    result = run_export(out, image_size=image_size)
+    if json_out:
+        _emit_json(result)
+    else:
+        print(f"wrote {result['train']} train and {result['val']} val digits ({image_size}×{image_size} RGB PNG) "
+              f"to {result['out']}", file=sys.stderr)
