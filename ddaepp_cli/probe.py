@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .console import info, progress
-from .data import BatchStream, hflip_mask
+from .data import BatchStream
 from .distributed import Dist
 from .errors import UsageError, choices
 from .latentprobe import latent_defaults, write_layer_curve
-from .features import (Time, augmented_input, check_same_classes, dataset_labels, decoder_layers, default_grid,
-                       layer_order, load_eval_dataset, model_input, model_views, noised_features, ordered_batches,
-                       parse_times, per_batch_generator, pick_device, precision_for, resolve_layers,
-                       stratified_split)
+from .probesources import (CACHE_STREAM, RAW_LAYER, RAW_TIME, TEST_STREAM, TRAIN_STREAM,  # noqa: F401 (re-exported)
+                           VAL_STREAM, CachedFeatures, LiveFeatures, RawLatentFeatures, key_of)
+from .features import (check_same_classes, decoder_layers, default_grid, layer_order, load_eval_dataset,
+                       ordered_batches, parse_times, pick_device, precision_for, resolve_layers, stratified_split)
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,6 @@ EPOCHS, LR, BATCH = 15, 4e-3, 512
 # on smaller batches — within a point of an L-BFGS logistic regression on the same features.
 DATASET_DEFAULTS = {"digits": {"epochs": 100, "batch_size": 128, "cache_features": True}}
 SPLIT_SEED = 0  # the validation split is a property of the dataset, not of --seed
-# Generator streams of the per-batch draws: training step s uses TRAIN + s, evaluation batch b EVAL + b.
-TRAIN_STREAM, CACHE_STREAM, VAL_STREAM, TEST_STREAM = 1, 1 << 30, 1 << 31, 3 << 30
-
-
-RAW_LAYER = "latent"  # `--layers latent`: the raw-latent baseline (RawLatentFeatures)
-RAW_TIME = Time("clean", 0.0)
-
-
-def key_of(layer: str, t: Time) -> str:
-    return f"{layer}@{t.text}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,121 +131,6 @@ class HeadBank(nn.Module):
             w, b = self.weight[gi], self.bias[gi]
             outs.append(torch.baddbmm(b[:, None, :], x, w.transpose(1, 2)))  # (G, B, K)
         return torch.cat(outs).index_select(0, self.inverse)  # (H, B, K) in key order
-
-
-# ------------------------------------------------------------------------------------------------
-# Feature sources
-# ------------------------------------------------------------------------------------------------
-
-
-class LiveFeatures:
-    """Features recomputed for every batch: fresh augmentation and noise each time (DDAE §3.2).
-
-    One backbone forward per time per batch, stopping after the deepest requested layer; the keys
-    are ordered time-major (`out_6@1, out_7@1, …, out_6@11, …`). With several processes (`dist`)
-    each rank runs the backbone on its share of the batch and the features are gathered (module doc).
-    """
-
-    needs_images = True
-
-    def __init__(self, model, formulation, layers: Sequence[str], times: Sequence[Time], *, device, precision: str,
-                 hflip: bool, crop_pad: int, seed: int, dist: Dist | None = None):
-        self.model, self.formulation = model, formulation
-        self.layers, self.times = list(layers), list(times)
-        self.device, self.precision = device, precision
-        self.hflip, self.crop_pad, self.seed = hflip, crop_pad, seed
-        self.dist = dist if dist is not None and dist.world > 1 else None
-        self.keys = [key_of(layer, t) for t in self.times for layer in self.layers]
-        self.dims = [model.feature_dims[layer] for _ in self.times for layer in self.layers] if model is not None else []
-
-    def features(self, x0: Tensor, noise: Tensor) -> list[Tensor]:
-        """Pooled features (B, C) of every key for the batch x0 noised with `noise` (the whole batch on
-        every rank; with several processes the backbone sees only this rank's share)."""
-        n = x0.shape[0]
-        if self.dist is not None:
-            part = self.dist.share(n)
-            x0, noise = x0[part], noise[part]
-        if x0.shape[0] == 0:  # more ranks than images in this batch
-            out = [x0.new_zeros((0, c), dtype=torch.float32) for c in self.dims]
-        else:
-            out = self._compute(x0, noise)
-        if self.dist is None:
-            return out
-        flat = self.dist.all_gather_rows(torch.cat(out, 1), n)  # one collective for every key: (B, ΣC)
-        return list(flat.split(self.dims, 1))
-
-    def _compute(self, x0: Tensor, noise: Tensor) -> list[Tensor]:
-        out = []
-        for t in self.times:
-            f = noised_features(self.model, self.formulation, x0, t.value, self.layers, noise=noise,
-                                precision=self.precision)
-            out += [f[layer] for layer in self.layers]  # (b, C) each
-        return out
-
-    def train_batch(self, images: Tensor, step: int) -> list[Tensor]:
-        g = per_batch_generator(self.device, self.seed, TRAIN_STREAM + step)
-        x0 = augmented_input(images, hflip=self.hflip, crop_pad=self.crop_pad, generator=g)
-        return self.features(x0, torch.randn(x0.shape, generator=g, device=self.device))
-
-    def eval_batch(self, images: Tensor, stream: int) -> list[Tensor]:
-        g = per_batch_generator(self.device, self.seed, stream)
-        x0 = model_input(images)
-        return self.features(x0, torch.randn(x0.shape, generator=g, device=self.device))
-
-
-class RawLatentFeatures(LiveFeatures):
-    """DDAE++ Tab. 4's "flattened, clean VAE latent" baseline: the normalised cached latent (or its
-    mirror), flattened to C·h·w, with no noise and no network (`--layers latent`)."""
-
-    def __init__(self, shape: Sequence[int], **kw):
-        super().__init__(None, None, [], [RAW_TIME], **kw)
-        self.layers = [RAW_LAYER]
-        self.keys = [key_of(RAW_LAYER, RAW_TIME)]
-        self.dims = [int(math.prod(shape))]
-
-    def _compute(self, x0: Tensor, noise: Tensor) -> list[Tensor]:
-        return [x0.flatten(1).float()]
-
-
-class CachedFeatures:
-    """`--cache-features`: every training image's features computed once per flip state with one
-    fixed noise draw, then looked up (flip chosen per sample and batch). Backbone cost: 2 (1 without
-    flip) passes per time instead of one per epoch; memory: 2 · N · Σ C floats per time. DDAE found
-    no obvious difference between random and fixed noise (§3.2), but this is not the paper protocol."""
-
-    needs_images = False
-
-    def __init__(self, live: LiveFeatures, ds, batch_size: int, num_workers: int = 0):
-        self.live, self.keys, self.dims = live, live.keys, live.dims
-        self.labels = dataset_labels(ds).to(live.device)
-        flips = (False, True) if live.hflip else (False,)
-        parts: list[list[list[Tensor]]] = [[[] for _ in flips] for _ in self.keys]
-        n_batches = math.ceil(len(ds) / batch_size)
-        with progress(n_batches * len(flips), "cache features", "batch") as bar:
-            for b, (images, _) in enumerate(ordered_batches(ds, batch_size, live.device, num_workers=num_workers)):
-                g = per_batch_generator(live.device, live.seed, CACHE_STREAM + b)
-                x0, mirror = model_views(images)
-                noise = torch.randn(x0.shape, generator=g, device=live.device)
-                for fi, flip in enumerate(flips):
-                    feats = live.features(mirror if flip else x0, noise.flip(-1) if flip else noise)
-                    for k, f in enumerate(feats):
-                        parts[k][fi].append(f)
-                    bar.update(1)
-        self.cache = [torch.stack([torch.cat(p) for p in per_flip]) for per_flip in parts]  # (F, N, C) each
-        size = sum(c.numel() for c in self.cache) * 4
-        info(f"cached {len(self.keys)} feature sets of {len(ds)} images × {len(flips)} flips ({size / 2**20:.0f} MiB)")
-
-    def train_batch(self, idx: Tensor, step: int) -> list[Tensor]:
-        g = per_batch_generator(self.live.device, self.live.seed, TRAIN_STREAM + step)
-        idx = idx.to(self.live.device)
-        if self.live.hflip:
-            flip = hflip_mask(idx.numel(), generator=g, device=self.live.device).long()
-        else:
-            flip = torch.zeros_like(idx)
-        return [c[flip, idx] for c in self.cache]  # (B, C) each
-
-    def eval_batch(self, images: Tensor, stream: int) -> list[Tensor]:
-        return self.live.eval_batch(images, stream)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,6 +281,9 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
     formulation = build_formulation(recipe)
     latent = recipe.data.dataset == "latents"
+    if latent and proto.crop:
+        raise UsageError("the ddae protocol's random crops are not available on cached latents (the paper's latent "
+                         "probe flips only); use --protocol ddae++")
     spec = layers.strip() if isinstance(layers, str) else layers
     curve = spec == "all"
     if spec == RAW_LAYER:

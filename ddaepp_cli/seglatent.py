@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from .errors import UsageError
