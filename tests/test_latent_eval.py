@@ -329,3 +329,27 @@ def test_latent_probe_two_processes_match_one(pipeline, tmp_path):
     p, q = a["probe"], b["probe"]
     assert q["cells"] == p["cells"] and q["best"] == p["best"] and q["test_accuracy"] == p["test_accuracy"]
     assert (p["protocol"]["world_size"], q["protocol"]["world_size"]) == (1, 2)
+
+
+def test_class_conditional_dit_is_probed_with_the_null_label():
+    """`probe`, `cka` and `segprobe` call the tap API without labels: a conditional DiT then reads the null
+    class (row num_classes), as pixel runs do — not class 0, and not a real label."""
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.features import noised_features
+    from ddaepp_cli.nets.dit import build_dit
+    from ddaepp_cli.recipe import load_recipe
+
+    torch.manual_seed(0)
+    net = build_dit("B", in_channels=4, image_size=4, patch_size=1, width=32, depth=2, heads=2, num_classes=3).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # non-zero adaLN gates, so the label reaches the features
+            p.add_(0.05 * torch.randn_like(p))
+    form = build_formulation(load_recipe(ROOT / "recipes" / "imagenet256_rf_ditb_cond.yaml", []))
+    x = torch.randn(2, 4, 4, 4)
+    noise = torch.randn(2, 4, 4, 4)
+    got = noised_features(net, form, x, 0.25, ["2"], noise=noise)["2"]
+    x_in, t_net = (x * 0.75 + noise * 0.25), torch.full((2,), 0.25)
+    null = net.forward_features(x_in, form.net_time(t_net), ["2"], class_labels=torch.full((2,), 3))["2"].mean(1)
+    zero = net.forward_features(x_in, form.net_time(t_net), ["2"], class_labels=torch.zeros(2, dtype=torch.long))["2"].mean(1)
+    torch.testing.assert_close(got, null)
+    assert not torch.allclose(got, zero)
