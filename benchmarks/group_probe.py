@@ -10,6 +10,11 @@
    deepest layer). Target: grid L×K per time ÷ single@deep ≤ 1.5. Optionally (`separate=True`, the
    standalone bench_probe.py) also the L separate single probes the grid replaces.
 2. CKA: feature-space form against the Gram form at large N (same value, checked).
+3. Latent probe features (`probe.LiveFeatures` on cached-latent pairs, as `ddaepp probe` runs on a DiT):
+   one batch's pooled features against one full forward of the same batch — DiT-B/1 at paper size
+   (32×16×16 VA-VAE latents, 256 tokens, width 768, 12 blocks; DDAE++ Tab. 8). Early exit makes block
+   9 (Tab. 9's probe layer) cost about 9/12 of a forward, every block about one forward, and K times K
+   forwards. Target: every-block features at one time ÷ full forward ≤ 1.1.
 
 Sizes: GPU — the paper `ddpm` UNet at 32×32, 4096 images, batch 512; CPU — a channels-64 3-level UNet
 at 16×16 on a few hundred images; --quick — a 2-level channels-32 UNet on 64 images.
@@ -146,6 +151,71 @@ def bench_cka(n: int, d: int = 256) -> dict:
     return out
 
 
+def bench_latent_features(device: torch.device, quick: bool, batch: int | None = None, reps: int = 3) -> dict:
+    """Seconds per batch: latent probe features (LiveFeatures, cached-mirror flips, noise) vs a forward."""
+    from ddaepp_cli.nets.dit import build_dit
+    from ddaepp_cli.probe import LiveFeatures
+
+    width, depth = (96, 4) if quick else (None, None)
+    net = build_dit("B", in_channels=32, image_size=16, patch_size=1,
+                    **({"width": width, "depth": depth, "heads": 4} if quick else {}))
+    net = net.to(device).eval().requires_grad_(False)
+    form = build_formulation("rf")
+    batch = batch or (64 if device.type == "cuda" else (4 if quick else 2))
+    prec = precision_for(device)
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.randn(batch, 2, 32, 16, 16, generator=g).to(device)  # cached (latent, mirror latent) pairs
+    blocks = list(net.layer_names)
+    paper = blocks[round(len(blocks) * 9 / 12) - 1]  # Tab. 9: DiT-B block 9 of 12
+    t_net = torch.full((batch,), 0.25, device=device)
+
+    def features(layers, times):
+        live = LiveFeatures(net, form, layers, parse_times(form, times, default=()), device=device, precision=prec,
+                            hflip=True, crop_pad=0, seed=0)
+        return lambda: live.train_batch(pairs, 0)
+
+    def forward():
+        from ddaepp_cli.features import autocast
+
+        with torch.inference_mode(), autocast(device, prec):
+            net(pairs[:, 0], t_net)
+
+    K = 3
+    variants = {"forward": forward, f"block {paper}": features([paper], "0.25"),
+                f"all {len(blocks)} blocks": features(blocks, "0.25"),
+                f"all blocks x{K} times": features(blocks, "0.15,0.25,0.35")}
+    for fn in variants.values():  # warm-up
+        fn()
+    samples = {k: [] for k in variants}
+    for _ in range(reps):
+        for k, fn in variants.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"backbone": f"DiT-B/1 {'(quick: width 96, 4 blocks)' if quick else '(paper size)'}, 32×16×16 latents",
+            "batch": batch, "paper_block": paper, "blocks": len(blocks), "K": K, "seconds": med, "samples_s": samples,
+            "ratio": {k: med[k] / med["forward"] for k in variants}}
+
+
+def latent_rows(ctx) -> list[Row]:
+    lf = bench_latent_features(ctx.device, ctx.quick)
+    r, L, K = lf["ratio"], lf["blocks"], lf["K"]
+    note = f"{lf['backbone']}, batch {lf['batch']}; forward {lf['seconds']['forward']:.3f} s"
+    return [
+        Row("d", "latent probe features", f"all {L} blocks, 1 time ÷ one full forward", r[f"all {L} blocks"], "×",
+            ("<=", 1.1), note=note, extra={"latent_features": lf}),
+        Row("d", "latent probe features", f"block {lf['paper_block']} (early exit) ÷ one full forward",
+            r[f"block {lf['paper_block']}"], "×", ("<=", 0.9), note="Tab. 9's DiT-B probe block"),
+        Row("d", "latent probe features", f"all blocks, {K} times, per time ÷ one full forward",
+            r[f"all blocks x{K} times"] / K, "×", ("<=", 1.1), note="one forward per time per batch"),
+    ]
+
+
 def run(ctx) -> list[Row]:
     cfg = config_for(ctx.device, ctx.quick)
     ctx.log(f"[d] probe grid: {cfg.label}, {cfg.n} images")
@@ -165,4 +235,5 @@ def run(ctx) -> list[Row]:
             p["ratio_to_single_paper"][f"grid {L}x{K}"], "×", note=f"replaces {L * K} separate probes"),
         Row("d", "CKA", f"Gram ÷ feature-space form (N={c['n']}, D={c['d']})", c["gram_over_feature"], "×",
             note=f"feature space {c['feature_space_s']:.3f} s; same value {c['feature_space_value']:.6f}", extra=c),
+        *latent_rows(ctx),
     ]

@@ -98,7 +98,7 @@ def align_command(checkpoints: Sequence[str], *, layers: str | None = None, time
         t_c = parse_times(form, timestep or DEFAULT_TIME[form.name], default=())[0]
         names_c = layer_order(model, model.resolve_layers(layers) if layers else decoder_layers(model))
         if ds is None:
-            ds = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root)  # DDAE: training set
+            ds = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root, command="align")  # DDAE: training set
             names, t = names_c, t_c
         elif names_c != names or t_c.value != t.value:
             raise UsageError(f"{c} has other layers or another time scale than {ckpts[0]}; compare like with like")
@@ -222,8 +222,8 @@ def noisy_classifier(run_or_ckpt: str, *, layer: str | None = None, dataset: str
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
     form = build_formulation(recipe)
-    train_ds = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root)
-    test_ds = load_eval_dataset(recipe, dataset=dataset, split="test", root=data_root)
+    train_ds = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root, command="noisy-classifier")
+    test_ds = load_eval_dataset(recipe, dataset=dataset, split="test", root=data_root, command="noisy-classifier")
     check_same_classes(train_ds, test_ds)
     n_test = len(test_ds) if n_test is None else min(n_test, len(test_ds))
     layer = layer or default_layer(recipe, model, train_ds.name)

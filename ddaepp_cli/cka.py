@@ -105,14 +105,13 @@ def model_features(model, formulation, ds, layers, t: float, *, n: int, batch_si
                    precision: str, full: bool, desc: str) -> dict[str, Tensor]:
     """(n, D) features per layer: pooled (D = C) or flattened maps (D = C·H·W), on the CPU."""
     from .console import progress
-    from .data import to_model_range
-    from .features import noised_features, ordered_batches, per_batch_generator
+    from .features import model_input, noised_features, ordered_batches, per_batch_generator
 
     out: dict[str, list[Tensor]] = {name: [] for name in layers}
     with progress(math.ceil(n / batch_size), desc, "batch") as bar:
         for b, (images, _) in enumerate(ordered_batches(ds, batch_size, device, limit=n)):
             g = per_batch_generator(device, seed, 1 + b)  # the same noise for every model compared
-            feats = noised_features(model, formulation, to_model_range(images), t, layers, generator=g,
+            feats = noised_features(model, formulation, model_input(images), t, layers, generator=g,
                                     pooled=not full, precision=precision)
             for name in layers:
                 out[name].append(feats[name].flatten(1).cpu())
@@ -121,14 +120,15 @@ def model_features(model, formulation, ds, layers, t: float, *, n: int, batch_si
 
 
 def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | None = None, timestep: str | None = None,
-                n: int = N_DEFAULT, dataset: str | None = None, data_root: str | None = None, split: str = "test",
+                n: int = N_DEFAULT, dataset: str | None = None, data_root: str | None = None,
+                test_root: str | None = None, split: str = "test",
                 features: str = "pooled", batch_size: int = 256, weights: str = "ema", seed: int = 0,
                 device: str | None = None, plot: str | None = None, record: bool = True) -> dict:
     """Library entry of `ddaepp cka`: all layer pairs of one model, or every layer of A against B."""
     from .build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
-    from .features import (DEFAULT_TIME, check_choice, layer_order, load_eval_dataset, parse_times,
+    from .features import (check_choice, default_time, layer_order, load_eval_dataset, parse_times,
                            pick_device, precision_for)
     from .plots import check_png, cka_heatmap
     from .sample import load_model
@@ -144,9 +144,9 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
     form = build_formulation(recipe)
-    ds = load_eval_dataset(recipe, dataset=dataset, split=split, root=data_root)
+    ds = load_eval_dataset(recipe, dataset=dataset, split=split, root=data_root, held_out=test_root, latent=True)
     n = min(n, len(ds))
-    text = timestep or DEFAULT_TIME[form.name]
+    text = timestep or default_time(recipe, form)
     t = parse_times(form, text, default=())[0]
     names = layer_order(model, model.resolve_layers(layers) if layers else list(model.layer_names))
     fa = model_features(model, form, ds, names, t.value, n=n, batch_size=batch_size, seed=seed, device=dev,
@@ -167,6 +167,15 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
 
         if dataset_geometry(recipe_b.data)[:2] != dataset_geometry(recipe.data)[:2]:
             raise UsageError(f"{other} reads images of another size or channel count than {run_or_ckpt}")
+        if (recipe_b.data.dataset == "latents") != (recipe.data.dataset == "latents"):
+            raise UsageError(f"{run_or_ckpt} and {other}: one reads VAE latents, the other pixels; compare like with like")
+        if recipe.data.dataset == "latents":
+            from .latentstore import read_manifest
+
+            sha = [(read_manifest(r.data.root).get("vae") or {}).get("sha256") for r in (recipe, recipe_b)]
+            if sha[0] != sha[1]:
+                raise UsageError(f"{run_or_ckpt} and {other} were trained on latents of different VAEs; CKA needs "
+                                 "the same inputs for both")
         del model
         fb = model_features(model_b, form_b, ds, names_b, t_b.value, n=n, batch_size=batch_size, seed=seed,
                             device=dev, precision=precision, full=features == "full", desc="features B")

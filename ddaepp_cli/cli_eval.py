@@ -72,13 +72,14 @@ def fid(
 def segprobe(
     run_or_ckpt: str = typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors."),
     dataset: str = typer.Option("ade20k", "--dataset", help="ade20k (150 classes) or voc (21 classes)."),
+    checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="all, latest (default) or steps 100000,200000 of a run: each is probed, the best mIoU reported."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="ADEChallengeData2016 / VOC2012 folder or a parent of it (default $DDAEPP_DATA, else ./data)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Two (or more) layers to concatenate (default: DiT-B's 5,7 at the same relative depth: ddpm out_5,out_7; ddpmpp out_6,out_9; uvit in_5,out_1)."),
     timestep: Optional[str] = typer.Option(None, "--timestep", help="Paper-convention time (default: RF 0.25 ADE20K / 0.45 VOC, or the same σ/α in DDPM steps / EDM σ)."),
     epochs: int = typer.Option(30, "--epochs", help="Training epochs (DDAE++ Tab. 10: 30)."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate, cosine decay (Tab. 10: 3e-3)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per step (Tab. 10: 128)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Side of the square images fed to the model (default: the model's own resolution)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Side of the square images fed to the model (default: the model's own resolution; latent runs: the training cache's image size, encoded by the run's VAE)."),
     label_size: int = typer.Option(256, "--label-size", help="Side of the label maps: mIoU is measured there (paper: 256)."),
     grid: int = typer.Option(16, "--grid", help="Feature grid before the head (paper: 16×16 patch tokens, then ×16 upsampling)."),
     cache_features: str = typer.Option("auto", "--cache-features", help="auto (keep features in memory when they fit), on, off."),
@@ -90,15 +91,25 @@ def segprobe(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Dense linear probe (semantic segmentation, mIoU) on frozen noised features of two layers."""
+    import sys
+
+    from .latentprobe import format_checkpoints, over_checkpoints
     from .segprobe import print_segprobe, segprobe as run_segprobe
 
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {workers}")
-    result = run_segprobe(run_or_ckpt, dataset=dataset, data_root=data_root, layers=layers, timestep=timestep,
-                          epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size, label_size=label_size,
-                          grid=grid, cache_features=cache_features, weights=weights, seed=seed, workers=workers,
-                          device=device, plot=str(plot) if plot else None)
+    if plot is not None and checkpoints not in (None, "latest"):
+        raise UsageError("--plot names one file; with --checkpoints each checkpoint's plot goes next to its record")
+    result = over_checkpoints(run_or_ckpt, checkpoints, lambda ckpt: run_segprobe(
+        ckpt, dataset=dataset, data_root=data_root, layers=layers, timestep=timestep, epochs=epochs, lr=lr,
+        batch_size=batch_size, image_size=image_size, label_size=label_size, grid=grid, cache_features=cache_features,
+        weights=weights, seed=seed, workers=workers, device=device, plot=str(plot) if plot else None),
+        score=lambda r: r["miou"], command="segprobe")
     if json_out:
         _emit_json(result)
+    elif "checkpoints" in result:
+        for r in result["results"]:
+            print_segprobe(r)
+        print(format_checkpoints(result, "mIoU (%)"), file=sys.stderr)
     else:
         print_segprobe(result)

@@ -42,10 +42,12 @@ def profile_layers(
 
 
 @app.command("cache-latents", epilog="Example: ddaepp cache-latents --data imagenet/train --vae ~/.cache/ddaepp/weights/"
-             "vavae-imagenet256-f16d32-dinov2.pt --out data/imagenet256_vavae")
+             "vavae-imagenet256-f16d32-dinov2.pt --out data/imagenet256_vavae; then the validation split: "
+             "ddaepp cache-latents --data imagenet/val --labels LOC_val_solution.csv --classes data/imagenet256_vavae "
+             "--out data/imagenet256_vavae_val")
 @handle_errors
 def cache_latents(
-    data: Path = typer.Option(..., "--data", help="Image folder: one subfolder per class (ImageNet layout), or flat."),
+    data: Path = typer.Option(..., "--data", help="Image folder: one subfolder per class (ImageNet train/), or flat (ImageNet val/ with --labels)."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="LDM-format VAE weights (.safetensors, or .pt/.ckpt read with "
                                        "weights_only). Default: the --vae-kind file (vavae unless given) in "
                                        "$DDAEPP_CACHE/weights/ (~/.cache/ddaepp/weights/)."),
@@ -56,6 +58,10 @@ def cache_latents(
     vae_kind: Optional[str] = typer.Option(None, "--vae-kind", help="Check the checkpoint is this VAE: vavae (VA-VAE f16d32) "
                                           "or sdvae (SD-VAE kl-f8). Default: any LDM KL autoencoder, read from the file."),
     num_workers: int = typer.Option(4, "--num-workers", help="Image decoding workers."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels of a flat folder: ImageNet's LOC_val_solution.csv, "
+                                          "or a text file of `<file> <class index or name>` lines (Caffe val.txt)."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="Class list the --labels index: the training latent "
+                                           "cache or the training class folder."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
@@ -68,7 +74,7 @@ def cache_latents(
         vae_kind = vae_kind or "vavae"
         vae = default_weights_path(vae_kind)
     result = run_cache(data, vae, out, image_size=image_size, batch_size=batch_size, shard_size=shard_size,
-                       vae_kind=vae_kind, num_workers=num_workers)
+                       vae_kind=vae_kind, num_workers=num_workers, labels_file=labels, classes_from=classes)
     if json_out:
         if int(os.environ.get("RANK", "0")) == 0:
             _emit_json(result)
@@ -76,3 +82,22 @@ def cache_latents(
         print(f"cached {result['count']} images as {'×'.join(map(str, result['latent_shape']))} latents in "
               f"{result['num_shards']} shard(s) ({result['encoded_shards']} encoded, {result['skipped_shards']} kept): "
               f"{result['out']}", file=sys.stderr)
+
+
+@app.command("export-digits", epilog="Example: ddaepp export-digits data/digits-imagenet && ddaepp cache-latents "
+             "--data data/digits-imagenet/train --vae tiny-vae.safetensors --out data/digits_lat --image-size 32")
+@handle_errors
+def export_digits(
+    out: Path = typer.Argument(..., help="New (or empty) folder: train/<digit>/, val/<digit>/, val_flat/ + val_labels.txt."),
+    image_size: int = typer.Option(32, "--image-size", help="Side of the PNGs (upsampled from 8×8 as the digits dataset is)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Write scikit-learn's digits as an ImageNet-style class folder (train and val), to try the latent pipeline on a CPU."""
+    from .exportdigits import export_digits as run_export
+
+    result = run_export(out, image_size=image_size)
+    if json_out:
+        _emit_json(result)
+    else:
+        print(f"wrote {result['train']} train and {result['val']} val digits ({image_size}×{image_size} RGB PNG) "
+              f"to {result['out']}", file=sys.stderr)

@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -35,6 +36,17 @@ DEFAULT_TIME = {"ddpm": "11", "edm": "idx:4", "rf": "0.06"}
 # architecture.md §9.1). DDAE has no RF; ours brackets Tab. 9's 0.06 with noise-to-signal ratios
 # (0.02, 0.064, 0.11) close to DDPM's grid (0.01, 0.047, 0.067).
 DEFAULT_GRID = {"ddpm": ("1", "11", "21"), "edm": ("idx:3", "idx:4", "idx:5"), "rf": ("0.02", "0.06", "0.1")}
+# Latent (DiT) runs: DDAE++ Tab. 9, ImageNet — RF t = 0.25 for every DiT.
+LATENT_TIME = "0.25"
+
+
+def default_time(recipe, formulation) -> str:
+    """The paper's probe time of a run: Tab. 9's ImageNet 0.25 for latent runs, else DEFAULT_TIME."""
+    return LATENT_TIME if recipe.data.dataset == "latents" else DEFAULT_TIME[formulation.name]
+
+
+def default_grid(recipe, formulation) -> tuple[str, ...]:
+    return (LATENT_TIME,) if recipe.data.dataset == "latents" else DEFAULT_GRID[formulation.name]
 # DDAE++ Tab. 9 probe layers on CIFAR-10 / CIFAR-100, for the paper-size UNets (12 / 15 decoder blocks).
 PAPER_LAYER = {
     ("ddpm", "ddpm"): ("out_6", "out_6"), ("ddpm", "edm"): ("out_7", "out_6"), ("ddpm", "rf"): ("out_7", "out_7"),
@@ -150,6 +162,36 @@ def network_inputs(formulation, x0: Tensor, t: Tensor | float, noise: Tensor) ->
     return x_in, formulation.net_time(t)
 
 
+def model_input(batch: Tensor) -> Tensor:
+    """What the network reads from a loader batch: uint8 images → [-1, 1]; cached latent pairs
+    (B, 2, C, h, w) → the unflipped latent (already normalised, latentstore.py)."""
+    if batch.ndim == 5:
+        return batch[:, 0].float()
+    return to_model_range(batch)
+
+
+def model_views(batch: Tensor) -> tuple[Tensor, Tensor]:
+    """(input, its mirror): pixels are flipped; a cached latent pair holds the mirror's own encoding."""
+    if batch.ndim == 5:
+        return batch[:, 0].float(), batch[:, 1].float()
+    x = to_model_range(batch)
+    return x, x.flip(-1)
+
+
+def augmented_input(batch: Tensor, *, hflip: bool, crop_pad: int, generator: torch.Generator | None) -> Tensor:
+    """The probe's training view: random crop and flip of pixels; for latent pairs the flip picks the
+    cached mirror latent (as training does) and cropping is not available."""
+    if batch.ndim == 5:
+        if crop_pad:
+            raise UsageError("random crops are not available on cached latents; use --protocol ddae++")
+        x = batch[:, 0].float()
+        if hflip:
+            m = hflip_mask(x.shape[0], generator=generator, device=x.device)
+            x = torch.where(m[:, None, None, None], batch[:, 1].float(), x)
+        return x
+    return augment(to_model_range(batch), hflip=hflip, crop_pad=crop_pad, generator=generator)
+
+
 def pool(feature: Tensor) -> Tensor:
     """Global average pool to (B, C): over H×W of (B, C, H, W), over the tokens of (B, N, D); float32."""
     if feature.ndim == 4:
@@ -257,18 +299,61 @@ def stratified_split(ds, fraction: float, seed: int = 0) -> tuple[Subset, Subset
     return Subset(ds, train_idx, f"{ds.split}[train]"), Subset(ds, val_idx, f"{ds.split}[val]")
 
 
-def load_eval_dataset(recipe, *, dataset: str | None, split: str, root: str | None) -> ImageDataset:
+def held_out_root(train_root: str) -> str:
+    """Where the validation latent cache of a training cache lives by default: `<train cache>_val`."""
+    return str(train_root).rstrip("/\\") + "_val"
+
+
+def load_latent_split(recipe, *, split: str, root: str | None, held_out: str | None = None):
+    """The training latent cache (`root`, default the recipe's data.root) or, for split test, the labelled
+    validation cache (`held_out`, default `<train cache>_val`), normalised with the training cache's
+    statistics — the ones the model was trained on."""
+    from .errors import UnavailableError
+    from .latentstore import MANIFEST, LatentDataset
+
+    train_root = root or recipe.data.root
+    if train_root is None:
+        raise UsageError("this latent run's recipe names no data.root; give --data-root <training latent cache>")
+    if split == "train":
+        ds = LatentDataset(train_root, split="train")
+    else:
+        val_root = held_out or held_out_root(train_root)
+        if not (Path(val_root) / MANIFEST).is_file():
+            raise UnavailableError(f"no validation latent cache at {val_root}; write it with `ddaepp cache-latents "
+                                   f"--data <imagenet>/val --labels LOC_val_solution.csv --classes {train_root} "
+                                   f"--out {val_root}` (or give --test-root)")
+        ds = LatentDataset(val_root, split="val", stats_root=train_root)
+    if not ds.num_classes:
+        raise UsageError(f"the latent cache {ds.root} has no labels (made from a flat folder without --labels); "
+                         "probing needs class labels")
+    return ds
+
+
+def load_eval_dataset(recipe, *, dataset: str | None, split: str, root: str | None, held_out: str | None = None,
+                      latent: bool = False, command: str = "this command") -> ImageDataset:
     """A dataset the model can read: `dataset` (default the recipe's) at the model's geometry.
 
-    Digits and image folders are resized to the model's size; CIFAR must match it. Unavailable
-    data raises the loader's UnavailableError (exit 3); a geometry mismatch a UsageError.
+    Digits and image folders are resized to the model's size; CIFAR must match it. Latent runs
+    (`latent=True` for the commands that read latents) get their cached latents (`load_latent_split`).
+    Unavailable data raises the loader's UnavailableError (exit 3); a geometry mismatch a UsageError.
     """
     from .build import dataset_geometry
 
     name = dataset or recipe.data.dataset
+    if (name == "latents") != (recipe.data.dataset == "latents"):
+        kind = "latent (DiT on VAE latents)" if recipe.data.dataset == "latents" else "pixel"
+        raise UsageError(f"--dataset {name}: this is a {kind} model; give the dataset it reads "
+                         f"({recipe.data.dataset}) or leave --dataset unset")
     if name == "latents":
-        raise UsageError("the analysis commands read images (digits, cifar10, cifar100, imagefolder); latent "
-                         "models need a labelled held-out latent cache, which `cache-latents` cannot write yet")
+        if not latent:
+            raise UsageError(f"{command} reads images and does not support latent (DiT) runs; on latent runs use "
+                             "probe, segprobe or cka")
+        ds = load_latent_split(recipe, split=split, root=root, held_out=held_out)
+        channels, size, _ = dataset_geometry(recipe.data)
+        if (ds.channels, ds.image_size) != (channels, size):
+            raise UsageError(f"the model reads {channels}×{size}×{size} latents but {ds.root} holds "
+                             f"{ds.channels}×{ds.image_size}×{ds.image_size}")
+        return ds
     channels, size, _ = dataset_geometry(recipe.data)
     if root is None and name == recipe.data.dataset:
         root = recipe.data.root
@@ -325,9 +410,9 @@ def extract_pooled(model, formulation, ds, layers: Sequence[str], t: float, *, n
     with progress(math.ceil(total / batch_size), progress_desc or "features", "batch") as bar:
         for b, (images, y) in enumerate(ordered_batches(ds, batch_size, device, limit=total)):
             g = per_batch_generator(device, seed, stream + b)
-            x0 = to_model_range(images)
+            x0, mirror = model_views(images)
             if hflip:
-                x0 = x0.flip(-1)
+                x0 = mirror
             feats = noised_features(model, formulation, x0, t, layers, generator=g, precision=precision)
             for name in layers:
                 out[name].append(feats[name].cpu())

@@ -20,10 +20,12 @@ for the image and its mirror, one posterior *sample* each (mean + std·ε) with 
 seeded by the image's index (stream 0 unflipped, stream 1 mirrored; drawn on the CPU), so a re-run —
 at any batch size, on any device count — reproduces the same noise.
 
-The dataset returns, per index, the normalised pair (2, C, h, w) = (latent, latent of the mirrored
-image) and the label; the training loop picks one of the two with a flip bit drawn from its shared
-generator (train.py), so the choice is reproducible and resumable rather than an RNG call inside the
-dataset. Normalisation: z ← (z − mean) / std (LightningDiT `latent_norm`, multiplier 1).
+Labels (labelfiles.py): a class-folder layout (`train/<class>/…`, ImageNet's train split) gives the
+sorted folder names as classes; a flat folder (ImageNet's `val/`) takes its labels from `--labels FILE`
+with the class list of `--classes` (the training cache or class folder), so both caches index the same
+classes. The manifest records class names, per-class counts and where the labels came from.
+
+Reading a cache (manifest, memory-mapped shards, the `latents` dataset, the decoder): latentstore.py.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -39,204 +40,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import UnavailableError, UsageError
-
-MANIFEST = "manifest.json"
-STATS = "latents_stats.safetensors"
-IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k train: the plan of a `--dry-run` without the cache at hand
-
-
-def read_manifest(root: str | os.PathLike) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise UnavailableError(f"no latent cache at {root}: {path} is missing; create it with "
-                               f"`ddaepp cache-latents --data <image folder> --vae <vae file> --out {root}`")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not a ddaepp latent manifest (not JSON: {e})") from None
-    missing = [k for k in ("num_shards", "shards", "latent_shape", "shard_size", "count") if k not in m] \
-        if isinstance(m, dict) else ["(not a JSON object)"]
-    if missing:
-        raise UsageError(f"{path} is not a ddaepp latent manifest: missing {', '.join(missing)}")
-    # a manifest names only its own shard files (in order once complete): nothing it says can make
-    # ddaepp read outside the cache folder
-    files = [e.get("file") if isinstance(e, dict) else e for e in m["shards"]]
-    bad = [f for k, f in enumerate(files)
-           if not (isinstance(f, str) and re.fullmatch(r"shard-\d{5}\.safetensors", f))
-           or (m.get("complete") and f != shard_file(k))]
-    if bad:
-        raise UsageError(f"{path} names unexpected shard files {bad[:3]}; a cache holds shard-00000.safetensors, "
-                         "shard-00001.safetensors, … in order (re-create it with `ddaepp cache-latents`)")
-    return m
-
-
-def latent_geometry(data) -> tuple[int, int, Optional[int]]:
-    """(channels, spatial size, number of images) from the cache's manifest, else from the recipe."""
-    if data.root and (Path(data.root) / MANIFEST).is_file():
-        m = read_manifest(data.root)
-        c, h, _ = m["latent_shape"]
-        if data.image_size not in (None, h):
-            raise UsageError(f"data.image_size {data.image_size} does not match the cached latents' {h}")
-        return c, h, m["complete"] and m["count"] or None
-    size = data.image_size or (16 if data.latent_channels == 32 else 32)  # VA-VAE f16 / SD-VAE f8 on 256²
-    return data.latent_channels, size, IMAGENET_TRAIN
-
-
-# ------------------------------------------------------------------------------------------------
-# safetensors memory mapping
-# ------------------------------------------------------------------------------------------------
-
-_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
-
-
-def mmap_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read-only numpy memory maps of every tensor in a safetensors file (8-byte header length,
-    JSON header, raw little-endian data): nothing is read until indexed."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    out = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = spec["data_offsets"]
-        dtype = _DTYPES[spec["dtype"]]
-        count = (hi - lo) // np.dtype(dtype).itemsize
-        arr = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + lo, shape=(count,))
-        out[name] = arr.reshape(spec["shape"])
-    return out
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------
-# Dataset
-# ------------------------------------------------------------------------------------------------
-
-
-class LatentDataset(torch.utils.data.Dataset):
-    """Memory-mapped cached latents: item i → ((2, C, h, w) normalised float32 pair, label)."""
-
-    in_memory = False
-
-    def __init__(self, root: str | os.PathLike | None, image_size: Optional[int] = None):
-        if root is None:
-            raise UsageError("data.root is required for data.dataset=latents (the `cache-latents --out` folder)")
-        self.root = Path(root)
-        m = read_manifest(self.root)
-        if not m.get("complete"):
-            raise UnavailableError(f"latent cache {root} is incomplete ({m.get('done', 0)}/{m['num_shards']} shards); "
-                                   f"re-run the same `ddaepp cache-latents` command to finish it")
-        self.manifest = m
-        self.channels, self.image_size, _ = m["latent_shape"]
-        if image_size not in (None, self.image_size):
-            raise UsageError(f"data.image_size {image_size} does not match the cached latents' {self.image_size}")
-        self.name, self.split = "latents", "train"
-        self.num_classes = m.get("num_classes")
-        self.class_names = m.get("class_names")
-        self.shard_size = m["shard_size"]
-        self.count = m["count"]
-        stats = mmap_safetensors(self.root / STATS)
-        self.mean = torch.from_numpy(np.array(stats["mean"])).reshape(-1, 1, 1)  # (C, 1, 1)
-        self.std = torch.from_numpy(np.array(stats["std"])).reshape(-1, 1, 1)
-        self._maps: dict[int, dict[str, np.ndarray]] = {}  # opened lazily, per process (workers)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_maps"] = {}  # memory maps are re-opened in each DataLoader worker
-        return state
-
-    def __len__(self) -> int:
-        return self.count
-
-    def info(self) -> dict:
-        return {"name": self.name, "split": self.split, "root": str(self.root), "size": len(self),
-                "image_size": self.image_size, "channels": self.channels, "num_classes": self.num_classes}
-
-    def _shard(self, k: int) -> dict[str, np.ndarray]:
-        if k not in self._maps:
-            self._maps[k] = mmap_safetensors(self.root / self.manifest["shards"][k]["file"])
-        return self._maps[k]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        if not 0 <= i < self.count:
-            raise IndexError(i)
-        s = self._shard(i // self.shard_size)
-        j = i % self.shard_size
-        pair = torch.from_numpy(np.stack((s["latents"][j], s["latents_flip"][j])).astype(np.float32))  # (2, C, h, w)
-        return (pair - self.mean) / self.std, int(s["labels"][j])
-
-    def denormalise(self, z: Tensor) -> Tensor:
-        """Model-space latents (B, C, h, w) → VAE latents (LightningDiT: z·std + mean)."""
-        return z * self.std.to(z.device, z.dtype) + self.mean.to(z.device, z.dtype)
-
-
-def resolve_vae_path(manifest: dict, vae: str | os.PathLike | None = None) -> Path:
-    """The VAE weights of a cache: `vae` (recipe `data.vae`) if given, else the file recorded at caching
-    time if it still exists, else `$DDAEPP_CACHE/weights/<file name>`."""
-    from .vae import cache_dir, missing_message
-
-    ident = manifest.get("vae") or {}
-    if vae is not None:
-        path = Path(vae).expanduser()
-        if not path.is_file():
-            raise UnavailableError(missing_message(path, ident.get("kind")) + " (recipe key data.vae)")
-        return path
-    candidates = [Path(p) for p in (ident.get("file"),) if p]
-    if ident.get("file_name"):
-        candidates.append(cache_dir() / "weights" / ident["file_name"])
-    for path in candidates:
-        if path.is_file():
-            return path
-    where = " or ".join(str(p) for p in candidates) or "(the manifest names no VAE)"
-    raise UnavailableError(f"VAE weights of the latent cache not found at {where}; put {ident.get('file_name', 'the VAE file')} "
-                           f"(sha256 {str(ident.get('sha256', '?'))[:16]}…) at {cache_dir() / 'weights'}/, or set the "
-                           f"recipe key data.vae to its path")
-
-
-def load_decoder(root: str | os.PathLike | None, device: torch.device | str = "cpu",
-                 vae: str | os.PathLike | None = None):
-    """latents (B, C, h, w) in model space → images in [−1, 1] through the cache's VAE.
-
-    z·std + mean (the cache's statistics) → VAE decoder → clamp to [−1, 1] (the caller rounds to uint8,
-    as LightningDiT's clamp(127.5·x + 128)). The weights must be the ones the cache was made with
-    (sha256 in the manifest); where they are looked for: `resolve_vae_path`."""
-    from .vae import load_vae
-
-    if root is None:
-        raise UsageError("data.root is required to decode latents (the `cache-latents --out` folder)")
-    manifest = read_manifest(root)
-    ident = manifest.get("vae") or {}
-    path = resolve_vae_path(manifest, vae)
-    model = load_vae(path, device=device, expected_sha256=ident.get("sha256"))
-    stats = mmap_safetensors(Path(root) / STATS)
-    mean = torch.from_numpy(np.array(stats["mean"])).reshape(1, -1, 1, 1).to(device)
-    std = torch.from_numpy(np.array(stats["std"])).reshape(1, -1, 1, 1).to(device)
-
-    @torch.no_grad()
-    def decode(z: Tensor) -> Tensor:
-        z = z.to(device=device, dtype=torch.float32) * std + mean
-        return model.decode(z).float().clamp(-1.0, 1.0)
-
-    return decode
-
+from .errors import UsageError
+from .latentstore import (IMAGENET_TRAIN, MANIFEST, STATS, LatentDataset, latent_geometry,  # noqa: F401 (re-exported)
+                          load_decoder, mmap_safetensors, read_manifest, resolve_vae_path, sha256_file, shard_file)
 
 # ------------------------------------------------------------------------------------------------
 # `ddaepp cache-latents`
 # ------------------------------------------------------------------------------------------------
 
 CACHE_VERSION = 1
-
-
-def shard_file(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
 
 
 def _record_file(k: int) -> str:
@@ -366,26 +178,61 @@ def _manifest(settings: dict, records: list[Optional[dict]], vae_ident: dict, co
             "settings": settings}
 
 
+def list_labelled_images(data: str | os.PathLike, labels_file: str | os.PathLike | None = None,
+                         classes_from: str | os.PathLike | None = None) -> tuple[list[str], list[int], Optional[list[str]], dict]:
+    """Files, labels, class names and a description of where the labels came from (module doc)."""
+    from .imageio import list_image_folder
+    from .labelfiles import class_list, labels_for
+
+    files, labels, classes = list_image_folder(str(data))
+    if classes is not None:
+        if labels_file is not None:
+            raise UsageError(f"--labels: {data} has one subfolder per class, which already gives the labels; "
+                             "--labels is for a flat folder (ImageNet val/)")
+        if classes_from is not None and class_list(classes_from) != classes:
+            raise UsageError(f"the class folders of {data} are not the classes of --classes {classes_from}")
+        return files, labels, classes, {"layout": "class folders", "classes": "sorted subfolder names"}
+    if labels_file is None:
+        if classes_from is not None:
+            raise UsageError("--classes needs --labels FILE for a flat folder (or class subfolders)")
+        return files, labels, None, {"layout": "flat, unlabelled (every label 0)"}
+    if classes_from is None:
+        raise UsageError("--labels needs --classes SRC: the training cache or class folder whose class list the "
+                         "labels index (so both splits number the classes alike)")
+    classes = class_list(classes_from)
+    labels, fmt = labels_for(files, data, labels_file, classes)
+    return files, labels, classes, {"layout": "flat + labels file", "labels_file": str(Path(labels_file).resolve()),
+                                    "format": fmt, "classes": str(Path(classes_from).resolve())}
+
+
 def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os.PathLike, *,
                   image_size: int = 256, batch_size: int = 32, shard_size: int = 10_000,
-                  vae_kind: Optional[str] = None, num_workers: int = 4) -> dict:
+                  vae_kind: Optional[str] = None, num_workers: int = 4, labels_file: str | os.PathLike | None = None,
+                  classes_from: str | os.PathLike | None = None) -> dict:
     """Encode an image folder into a latent cache (module doc); returns a summary."""
-    from safetensors.torch import save as st_save
-
-    from .console import info, progress
-    from .data import _CatchErrors, _collate, _Failure
-    from .distributed import Dist
-    from .imageio import list_image_folder
-    from .seeding import per_sample_randn
-    from .vae import load_vae
-
     for name, v in (("--image-size", image_size), ("--batch-size", batch_size), ("--shard-size", shard_size)):
         if v <= 0:
             raise UsageError(f"{name} must be positive, got {v}")
     if num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
-    data, out = Path(data), Path(out)
-    files, labels, classes = list_image_folder(str(data))
+    files, labels, classes, source = list_labelled_images(data, labels_file, classes_from)
+    return write_cache(files, labels, classes, Path(data), vae, out, image_size=image_size, batch_size=batch_size,
+                       shard_size=shard_size, vae_kind=vae_kind, num_workers=num_workers, labels_source=source)
+
+
+def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]], data: Path,
+                vae: str | os.PathLike, out: str | os.PathLike, *, image_size: int, batch_size: int, shard_size: int,
+                vae_kind: Optional[str] = None, num_workers: int = 4, labels_source: Optional[dict] = None) -> dict:
+    """Encode `files` (labelled `labels`, below `data`) into the cache folder `out` (module doc)."""
+    from safetensors.torch import save as st_save
+
+    from .console import info, progress
+    from .data import _CatchErrors, _collate, _Failure
+    from .distributed import Dist
+    from .seeding import per_sample_randn
+    from .vae import load_vae
+
+    out = Path(out)
     dist = Dist()
     rank, world, device = dist.rank, dist.world, dist.device
     model = load_vae(vae, vae_kind, device=device)
@@ -462,6 +309,9 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
             metadata={"over": "every unflipped latent, per channel (float64 accumulation)", "count": str(n)})))
         manifest = _manifest(settings, records, ident, complete=True)
         manifest["stats_values"] = {"mean": mean.tolist(), "std": std.tolist()}
+        manifest["labels_source"] = labels_source or {}
+        if classes:
+            manifest["class_counts"] = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)).tolist()
         _write_json(out / MANIFEST, manifest)
     dist.barrier()
     return {"out": str(out), "count": n, "num_shards": num_shards, "encoded_shards": encoded,

@@ -121,3 +121,19 @@ def accuracy_curve(xs: Sequence[float], accs: Sequence[float], path, *, title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def layer_curve(layers: Sequence[str], accuracy: Sequence[float], path, *, title: str, ylabel: str,
+                chance: float | None = None) -> str:
+    """Accuracy (%) per layer, shallow to deep (DDAE++ Fig. 5's layer-wise linear separability)."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 3.2))
+    ax.plot(range(len(layers)), [100 * a for a in accuracy], marker="o")
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle=":", label="chance")
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_xticks(range(len(layers)), layers, rotation=45 if len(layers) > 12 else 0)
+    ax.set_xlabel("block")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -40,12 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .console import info, progress
-from .data import BatchStream, hflip_mask, to_model_range
+from .data import BatchStream
 from .distributed import Dist
 from .errors import UsageError, choices
-from .features import (DEFAULT_GRID, Time, augment, check_same_classes, dataset_labels, decoder_layers, layer_order,
-                       load_eval_dataset, noised_features, ordered_batches, parse_times,
-                       per_batch_generator, pick_device, precision_for, resolve_layers, stratified_split)
+from .latentprobe import latent_defaults, write_layer_curve
+from .probesources import (CACHE_STREAM, RAW_LAYER, RAW_TIME, TEST_STREAM, TRAIN_STREAM,  # noqa: F401 (re-exported)
+                           VAL_STREAM, CachedFeatures, LiveFeatures, RawLatentFeatures, key_of)
+from .features import (check_same_classes, decoder_layers, default_grid, layer_order, load_eval_dataset,
+                       ordered_batches, parse_times, pick_device, precision_for, resolve_layers, stratified_split)
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,6 @@ EPOCHS, LR, BATCH = 15, 4e-3, 512
 # on smaller batches — within a point of an L-BFGS logistic regression on the same features.
 DATASET_DEFAULTS = {"digits": {"epochs": 100, "batch_size": 128, "cache_features": True}}
 SPLIT_SEED = 0  # the validation split is a property of the dataset, not of --seed
-# Generator streams of the per-batch draws: training step s uses TRAIN + s, evaluation batch b EVAL + b.
-TRAIN_STREAM, CACHE_STREAM, VAL_STREAM, TEST_STREAM = 1, 1 << 30, 1 << 31, 3 << 30
-
-
-def key_of(layer: str, t: Time) -> str:
-    return f"{layer}@{t.text}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,103 +131,6 @@ class HeadBank(nn.Module):
             w, b = self.weight[gi], self.bias[gi]
             outs.append(torch.baddbmm(b[:, None, :], x, w.transpose(1, 2)))  # (G, B, K)
         return torch.cat(outs).index_select(0, self.inverse)  # (H, B, K) in key order
-
-
-# ------------------------------------------------------------------------------------------------
-# Feature sources
-# ------------------------------------------------------------------------------------------------
-
-
-class LiveFeatures:
-    """Features recomputed for every batch: fresh augmentation and noise each time (DDAE §3.2).
-
-    One backbone forward per time per batch, stopping after the deepest requested layer; the keys
-    are ordered time-major (`out_6@1, out_7@1, …, out_6@11, …`). With several processes (`dist`)
-    each rank runs the backbone on its share of the batch and the features are gathered (module doc).
-    """
-
-    needs_images = True
-
-    def __init__(self, model, formulation, layers: Sequence[str], times: Sequence[Time], *, device, precision: str,
-                 hflip: bool, crop_pad: int, seed: int, dist: Dist | None = None):
-        self.model, self.formulation = model, formulation
-        self.layers, self.times = list(layers), list(times)
-        self.device, self.precision = device, precision
-        self.hflip, self.crop_pad, self.seed = hflip, crop_pad, seed
-        self.dist = dist if dist is not None and dist.world > 1 else None
-        self.keys = [key_of(layer, t) for t in self.times for layer in self.layers]
-        self.dims = [model.feature_dims[layer] for _ in self.times for layer in self.layers]
-
-    def features(self, x0: Tensor, noise: Tensor) -> list[Tensor]:
-        """Pooled features (B, C) of every key for the batch x0 noised with `noise` (the whole batch on
-        every rank; with several processes the backbone sees only this rank's share)."""
-        n = x0.shape[0]
-        if self.dist is not None:
-            part = self.dist.share(n)
-            x0, noise = x0[part], noise[part]
-        if x0.shape[0] == 0:  # more ranks than images in this batch
-            out = [x0.new_zeros((0, c), dtype=torch.float32) for c in self.dims]
-        else:
-            out = []
-            for t in self.times:
-                f = noised_features(self.model, self.formulation, x0, t.value, self.layers, noise=noise,
-                                    precision=self.precision)
-                out += [f[layer] for layer in self.layers]  # (b, C) each
-        if self.dist is None:
-            return out
-        flat = self.dist.all_gather_rows(torch.cat(out, 1), n)  # one collective for every key: (B, ΣC)
-        return list(flat.split(self.dims, 1))
-
-    def train_batch(self, images: Tensor, step: int) -> list[Tensor]:
-        g = per_batch_generator(self.device, self.seed, TRAIN_STREAM + step)
-        x0 = augment(to_model_range(images), hflip=self.hflip, crop_pad=self.crop_pad, generator=g)
-        return self.features(x0, torch.randn(x0.shape, generator=g, device=self.device))
-
-    def eval_batch(self, images: Tensor, stream: int) -> list[Tensor]:
-        g = per_batch_generator(self.device, self.seed, stream)
-        x0 = to_model_range(images)
-        return self.features(x0, torch.randn(x0.shape, generator=g, device=self.device))
-
-
-class CachedFeatures:
-    """`--cache-features`: every training image's features computed once per flip state with one
-    fixed noise draw, then looked up (flip chosen per sample and batch). Backbone cost: 2 (1 without
-    flip) passes per time instead of one per epoch; memory: 2 · N · Σ C floats per time. DDAE found
-    no obvious difference between random and fixed noise (§3.2), but this is not the paper protocol."""
-
-    needs_images = False
-
-    def __init__(self, live: LiveFeatures, ds, batch_size: int, num_workers: int = 0):
-        self.live, self.keys, self.dims = live, live.keys, live.dims
-        self.labels = dataset_labels(ds).to(live.device)
-        flips = (False, True) if live.hflip else (False,)
-        parts: list[list[list[Tensor]]] = [[[] for _ in flips] for _ in self.keys]
-        n_batches = math.ceil(len(ds) / batch_size)
-        with progress(n_batches * len(flips), "cache features", "batch") as bar:
-            for b, (images, _) in enumerate(ordered_batches(ds, batch_size, live.device, num_workers=num_workers)):
-                g = per_batch_generator(live.device, live.seed, CACHE_STREAM + b)
-                x0 = to_model_range(images)
-                noise = torch.randn(x0.shape, generator=g, device=live.device)
-                for fi, flip in enumerate(flips):
-                    feats = live.features(x0.flip(-1) if flip else x0, noise.flip(-1) if flip else noise)
-                    for k, f in enumerate(feats):
-                        parts[k][fi].append(f)
-                    bar.update(1)
-        self.cache = [torch.stack([torch.cat(p) for p in per_flip]) for per_flip in parts]  # (F, N, C) each
-        size = sum(c.numel() for c in self.cache) * 4
-        info(f"cached {len(self.keys)} feature sets of {len(ds)} images × {len(flips)} flips ({size / 2**20:.0f} MiB)")
-
-    def train_batch(self, idx: Tensor, step: int) -> list[Tensor]:
-        g = per_batch_generator(self.live.device, self.live.seed, TRAIN_STREAM + step)
-        idx = idx.to(self.live.device)
-        if self.live.hflip:
-            flip = hflip_mask(idx.numel(), generator=g, device=self.live.device).long()
-        else:
-            flip = torch.zeros_like(idx)
-        return [c[flip, idx] for c in self.cache]  # (B, C) each
-
-    def eval_batch(self, images: Tensor, stream: int) -> list[Tensor]:
-        return self.live.eval_batch(images, stream)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,8 +223,11 @@ def run_bank(model, formulation, layers, times, train_ds, eval_ds, *, num_classe
 
     With several processes (`dist`) every rank returns rank 0's accuracies, so that all ranks choose
     the same cell even if their identical head training were not bitwise identical (GPU kernels)."""
-    live = LiveFeatures(model, formulation, layers, times, device=device, precision=precision, hflip=hflip,
-                        crop_pad=crop_pad, seed=seed, dist=dist)
+    opts = dict(device=device, precision=precision, hflip=hflip, crop_pad=crop_pad, seed=seed, dist=dist)
+    if list(layers) == [RAW_LAYER]:
+        live = RawLatentFeatures((train_ds.channels, train_ds.image_size, train_ds.image_size), **opts)
+    else:
+        live = LiveFeatures(model, formulation, layers, times, **opts)
     source = CachedFeatures(live, train_ds, batch_size, num_workers) if cache else live
     bank = HeadBank(live.keys, live.dims, num_classes, batchnorm=protocol.batchnorm, seed=seed).to(device)
     losses = train_heads(bank, source, train_ds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
@@ -343,13 +245,16 @@ def run_bank(model, formulation, layers, times, train_ds, eval_ds, *, num_classe
 
 
 def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None = None, dataset: str | None = None,
-          data_root: str | None = None, protocol: str = "ddae++", epochs: int | None = None, lr: float = LR,
+          data_root: str | None = None, test_root: str | None = None, protocol: str = "ddae++",
+          epochs: int | None = None, lr: float | None = None,
           batch_size: int | None = None, val_fraction: float = 0.1, hflip: bool | None = None,
           cache_features: bool | None = None, weights: str = "ema", seed: int = 0, device: str | None = None,
           plot: str | None = None, record: bool = True) -> dict:
     """Library entry of `ddaepp probe`: grid search on a validation split, final probe, test accuracy.
 
-    `epochs`, `batch_size`, `cache_features` = None: the paper's (15, 512, off), or `DATASET_DEFAULTS`.
+    `epochs`, `batch_size`, `cache_features`, `lr` = None: the paper's (CIFAR 15, 512, off, 4e-3; latent
+    runs 30, 1440, off, 2e-3 B / 1e-3 L), or `DATASET_DEFAULTS`. `layers`: a spec, `all` (every block,
+    and the layer-wise curve of the final probe) or `latent` (the raw-latent baseline of a latent run).
     Multi-process aware (module doc): rank 0 writes the record and plot and returns the result, the
     other ranks return {}."""
     from .build import build_formulation
@@ -366,7 +271,7 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     for name, v in (("--epochs", epochs), ("--batch-size", batch_size)):
         if v is not None and v <= 0:
             raise UsageError(f"{name} must be positive, got {v}")
-    if not lr > 0:
+    if lr is not None and not lr > 0:
         raise UsageError(f"--lr must be positive, got {lr}")
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must lie in [0, 1), got {val_fraction}")
@@ -375,13 +280,29 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
     formulation = build_formulation(recipe)
-    layer_list = layer_order(model, resolve_layers(model, layers, decoder_layers(model)))
-    times = parse_times(formulation, timesteps, default=DEFAULT_GRID[formulation.name])
-    train_full = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root)
-    test_ds = load_eval_dataset(recipe, dataset=dataset, split="test", root=data_root)
+    latent = recipe.data.dataset == "latents"
+    if latent and proto.crop:
+        raise UsageError("the ddae protocol's random crops are not available on cached latents (the paper's latent "
+                         "probe flips only); use --protocol ddae++")
+    spec = layers.strip() if isinstance(layers, str) else layers
+    curve = spec == "all"
+    if spec == RAW_LAYER:
+        if not latent:
+            raise UsageError("--layers latent is the raw-VAE-latent baseline of latent (DiT) runs; this run reads pixels")
+        if timesteps is not None:
+            raise UsageError("--layers latent probes the clean latent: it takes no --timesteps")
+        layer_list, times = [RAW_LAYER], [RAW_TIME]
+    else:
+        layer_list = layer_order(model, list(model.layer_names) if curve else
+                                 resolve_layers(model, spec, decoder_layers(model)))
+        times = parse_times(formulation, timesteps, default=default_grid(recipe, formulation))
+    train_full = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root, latent=True)
+    test_ds = load_eval_dataset(recipe, dataset=dataset, split="test", root=data_root, held_out=test_root,
+                                latent=True)
     check_same_classes(train_full, test_ds)
-    defaults = {"epochs": EPOCHS, "batch_size": BATCH, "cache_features": False,
-                **DATASET_DEFAULTS.get(train_full.name, {})}
+    defaults = {"epochs": EPOCHS, "batch_size": BATCH, "cache_features": False, "lr": LR,
+                **(latent_defaults(recipe) if latent else DATASET_DEFAULTS.get(train_full.name, {}))}
+    lr = defaults["lr"] if lr is None else lr
     epochs = defaults["epochs"] if epochs is None else epochs
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     if cache_features is None:
@@ -424,14 +345,17 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
         best = (best_cell["layer"], next(t for t in times if t.text == best_cell["timestep"]))
 
     layer, t = best
-    if selected_on == "test":
+    layer_test = None
+    if selected_on == "test" and not curve:
         test_acc = by_key[key_of(layer, t)]
         final_losses = None
-    else:
+    else:  # the chosen cell retrained on all of train; with --layers all every block at the chosen time
         t1 = time.perf_counter()
-        _, acc_final, final_losses = run_bank(model, formulation, [layer], [t], train_full, test_ds,
+        final_layers = layer_list if curve else [layer]
+        _, acc_final, final_losses = run_bank(model, formulation, final_layers, [t], train_full, test_ds,
                                               eval_stream=TEST_STREAM, desc="final", **common)
-        test_acc = float(acc_final[0])
+        layer_test = dict(zip(final_layers, acc_final.tolist()))
+        test_acc = float(layer_test[layer])
         timing["final_s"] = round(time.perf_counter() - t1, 3)
     if not dist.main:  # rank 0 alone describes, records and plots the result
         dist.barrier()
@@ -456,6 +380,11 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
             "optimizer": "adam", "schedule": "cosine per epoch", "features": "global average pool",
             "noise": "fixed per image (cached)" if cache_features else "fresh per batch",
             "hflip": hflip, "crop_pad": crop_pad, "seed": seed, "world_size": dist.world,
+            "model_input": ("cached VAE latent (or its cached mirror), normalised with the training cache's statistics"
+                            if latent else "pixels in [-1, 1]"),
+            "features_kind": "flattened clean latent (no network)" if layer_list == [RAW_LAYER] else
+                             "global average pool of block tokens / maps",
+            "class_condition": "null label" if getattr(model, "num_classes", 0) else "none",
             "val_fraction": val_fraction, "split_seed": SPLIT_SEED if selected_on == "val" else None,
             "dataset": {**train_full.info(), "split": "train/test", "num_train": len(train_full),
                         "num_val": val_n, "num_test": len(test_ds),
@@ -465,6 +394,9 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
             **device_record(dev, precision), "versions": versions(), "time": timestamp(),
         },
     }
+    if curve:
+        result["layer_curve"] = write_layer_curve(record_path, recipe.name, layer_list, layer_test, t,
+                                                  chance=result["chance"], cells=cells, selected_on=selected_on)
     if cells:
         from .plots import probe_heatmap
 
@@ -504,3 +436,8 @@ def print_probe(result: dict) -> None:
         err.print(f"record: {result['eval_record']}", markup=False)
     if result.get("plot"):
         err.print(f"plot: {result['plot']}", markup=False)
+    curve = result.get("layer_curve")
+    if curve:
+        err.print("test accuracy per block: " + ", ".join(f"{layer} {100 * a:.1f}" for layer, a in
+                                                          zip(curve["layers"], curve["test_accuracy"])), markup=False)
+        err.print(f"layer curve: {curve['png']} and {curve['json']}", markup=False)

@@ -201,6 +201,14 @@ class SegmentationSet(Dataset):
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, S, S)
         return x.contiguous(), torch.from_numpy(np.array(label, dtype=np.uint8))  # (L, L)
 
+    def label(self, i: int) -> torch.Tensor:
+        """The label map (L, L) alone (the image's central square, nearest neighbour): latent runs read
+        their images as cached VAE encodings (seglatent.py)."""
+        _, ann_path = self.pairs[i]
+        label = read_label(self.name, ann_path)
+        label = label.crop(_center_square(label.size)).resize((self.label_size,) * 2, resample=Image.NEAREST)
+        return torch.from_numpy(np.array(label, dtype=np.uint8))
+
     def fingerprint(self) -> str:
         """sha256 of the relative file list and sizes (what a protocol record names; no pixel reads)."""
         h = hashlib.sha256()

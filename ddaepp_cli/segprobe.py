@@ -115,11 +115,10 @@ class DenseFeatures:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, index: Tensor, split: str) -> Tensor:
-        from .data import to_model_range
-        from .features import noised_features
+        from .features import model_input, noised_features
         from .seeding import per_sample_randn
 
-        x0 = to_model_range(images.to(self.device))  # (B, C, S, S)
+        x0 = model_input(images.to(self.device))  # (B, C, S, S): pixels in [-1, 1], or a run's normalised latents
         noise = per_sample_randn(index.tolist(), x0.shape[1:], device=self.device,
                                  stream=NOISE_STREAM[split] + self.seed)
         feats = noised_features(self.model, self.formulation, x0, self.t, self.layers, noise=noise, pooled=False,
@@ -377,14 +376,16 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
     if plot is not None and not str(plot).lower().endswith(".png"):
         raise UsageError(f"--plot {plot}: give a .png file name")
     t_start = time.perf_counter()
+    image_size_arg = image_size
     dev = pick_device(device)
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
     formulation = build_formulation(recipe)
+    latent = recipe.data.dataset == "latents"
     channels, native, _ = dataset_geometry(recipe.data)
-    image_size = image_size or native
-    if image_size <= 0:
+    if image_size is not None and image_size <= 0:
         raise UsageError(f"--image-size must be positive, got {image_size}")
+    image_size = native if latent else (image_size or native)
     if image_size != native:
         if recipe.model.backbone not in ("ddpm", "ddpmpp"):
             raise UsageError(f"{recipe.model.backbone} reads {native}×{native} images only; leave --image-size "
@@ -397,10 +398,20 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
     time_text = timestep if timestep is not None else default_time(formulation, dataset)
     t_value = float(formulation.parse_time(time_text))
     workers = (min(4, os.cpu_count() or 1) if dev.type == "cuda" else 0) if workers is None else workers
-    train_ds = SegmentationSet(dataset, "train", data_root, image_size=image_size, label_size=label_size,
-                               channels=channels)
-    val_ds = SegmentationSet(dataset, "val", data_root, image_size=image_size, label_size=label_size,
-                             channels=channels)
+    if latent:  # the run's VAE encodes the images once (cached, resumable: seglatent.py)
+        from .seglatent import latent_split
+
+        pixel_size = None if image_size_arg is None else image_size_arg
+        train_ds, _ = latent_split(recipe, dataset, "train", data_root, label_size=label_size, image_size=pixel_size,
+                                   workers=workers)
+        val_ds, val_pictures = latent_split(recipe, dataset, "val", data_root, label_size=label_size,
+                                            image_size=pixel_size, workers=workers)
+    else:
+        train_ds = SegmentationSet(dataset, "train", data_root, image_size=image_size, label_size=label_size,
+                                   channels=channels)
+        val_ds = SegmentationSet(dataset, "val", data_root, image_size=image_size, label_size=label_size,
+                                 channels=channels)
+        val_pictures = val_ds
     dense = DenseFeatures(model, formulation, layer_list, t_value, grid=grid, device=dev, precision=precision,
                           seed=seed)
     if "cls" in layer_list:
@@ -411,7 +422,7 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
     cached, store, cache_why = cache_plan(cache_features, need, dev)
     info(f"segprobe {ckpt} ({weights}) on {dataset}: layers {','.join(layer_list)} at t={time_text} "
          f"({t_value:g}), {feat_channels} channels on a {grid}×{grid} grid, {len(train_ds)} train / {len(val_ds)} val "
-         f"images at {image_size} px, labels {label_size} px, cache {cache_why}")
+         f"{'latents' if latent else 'images'} at {image_size} px, labels {label_size} px, cache {cache_why}")
 
     t0 = time.perf_counter()
     train = FeatureSource(train_ds, "train", dense, cached=cached, store=store, batch_size=batch_size, workers=workers)
@@ -451,11 +462,13 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
             "loss": f"cross-entropy, ignore index {IGNORE}", "optimizer": "adam", "lr": lr,
             "schedule": "cosine per step to 0", "epochs": epochs, "batch_size": batch_size, "augmentation": "none",
             "noise": "fixed per image (seeded by index)", "seed": seed, "feature_cache": cache_why,
+            "model_input": ("VAE latents of the images (the run's VAE, cached), normalised with the training "
+                            "cache's statistics" if latent else "pixels in [-1, 1]"),
             "train": train_ds.info(), "val": val_ds.info(),
             **device_record(dev, precision), "versions": versions(), "time": timestamp(),
         },
     }
-    result["plot"] = predictions_png(head, val, val_ds, plot or record_path.with_suffix(".png"))
+    result["plot"] = predictions_png(head, val, val_pictures, plot or record_path.with_suffix(".png"))
     saved = save_record(record_path, result) if record else None
     result["eval_record"] = str(saved) if saved else None
     return result
