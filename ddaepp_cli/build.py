@@ -14,6 +14,10 @@ from .recipe import PROBE_TIMES, DataConfig, Recipe, UViTConfig
 # CIFAR: 50,000 training images of 3×32×32; digits: see data.py (8×8 upsampled, 1 channel).
 NATIVE = {"cifar10": (3, 32, 50_000), "cifar100": (3, 32, 50_000)}
 DIGITS_DEFAULT_SIZE = 16
+# The value a DDPM backbone embeds (diffusion/ddpm.py `time_input`): DiT feeds the integer step 0…T−1
+# (DiT:diffusion/gaussian_diffusion.py; SRA:DiT-SRA), the DDAE UNets t/T (ddae:model/DDPM.py); U-ViT
+# multiplies t/T by its `time_scale` (nets/uvit.py).
+DDPM_TIME_INPUT = {"dit": "index", "dit_orig": "index"}
 
 
 def dataset_geometry(data: DataConfig) -> tuple[int, int, int | None]:
@@ -90,6 +94,9 @@ def build_formulation(recipe: Recipe):
     name = kw.pop("formulation")
     if "timesteps" in kw:  # recipe key `timesteps` is the paper's T
         kw["T"] = kw.pop("timesteps")
+    if name == "ddpm":  # what each backbone's paper feeds its time embedding, and DiT's learned Σ
+        kw["time_input"] = DDPM_TIME_INPUT.get(recipe.model.backbone, "fraction")
+        kw["learn_sigma"] = getattr(recipe.model, "learn_sigma", False)
     return _build(name, **kw)
 
 

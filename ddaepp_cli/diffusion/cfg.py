@@ -8,7 +8,8 @@ output (velocity for RF), then the formulation turns it into (x̂0, ε̂) — fo
 the map is affine in the output, so this equals guiding x̂0 and ε̂. DDAE++ guides all latent channels
 (w 2.0 for DiT-B, 1.4 for DiT-L, interval [0, 0.89] = LightningDiT's `cfg_interval_start` 0.11 in its
 mirrored time). `channels="first3"` reproduces DiT/LightningDiT's `forward_with_cfg`, which guides
-channels [:3] only and passes the conditional output for the rest.
+channels [:3] only and passes the conditional output for the rest. With a learned variance (2C outputs)
+"all" guides the C ε channels and keeps the conditional variance channels.
 
 Cost: outside the interval only the conditional branch runs (one forward of B); inside, one forward of
 the stacked batch [x; x] with labels [y; null] (2B), as the reference code does.
@@ -49,6 +50,9 @@ def guided_denoiser(formulation: Formulation, net, class_labels: Tensor, *, null
             guided = uncond + scale * (cond - uncond)
             if channels == "first3":  # DiT's `eps, rest = model_out[:, :3], model_out[:, 3:]`
                 guided = torch.cat((guided[:, :3], cond[:, 3:]), dim=1)
+            elif guided.shape[1] > x_t.shape[1]:  # learned variance: guide ε̂ only, v from the conditional
+                c = x_t.shape[1]  # (DiT's "standard approach", `model_out[:, :self.in_channels]`)
+                guided = torch.cat((guided[:, :c], cond[:, c:]), dim=1)
             out = torch.where(inside.reshape(-1, *([1] * (x_t.ndim - 1))), guided, cond)
         pred = formulation._prediction(out.to(x_t.dtype), x_t, t)
         return formulation.clip_prediction(pred, x_t, t) if clip else pred
