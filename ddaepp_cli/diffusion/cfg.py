@@ -29,7 +29,7 @@ CFG_CHANNELS = ("all", "first3")
 def guided_denoiser(formulation: Formulation, net, class_labels: Tensor, *, null_label: int, scale: float,
                     interval: tuple[float, float] = (0.0, 1.0), channels: str = "all",
                     clip: bool = False) -> Denoiser:
-    """(x_t, t) → Prediction with CFG of scale `scale` for paper times in `interval` (inclusive)."""
+    """(x_t, t) → Prediction with CFG of scale `scale` for paper times in `interval` (inclusive; DDPM: t/T)."""
     if channels not in CFG_CHANNELS:
         raise UsageError(f"unknown CFG channel mode {channels!r}; valid: all, first3")
     lo, hi = float(interval[0]), float(interval[1])
@@ -39,7 +39,8 @@ def guided_denoiser(formulation: Formulation, net, class_labels: Tensor, *, null
     def denoise(x_t: Tensor, t: Tensor) -> Prediction:
         t = formulation._time(t, x_t)
         y = class_labels.to(x_t.device)
-        inside = (t >= lo) & (t <= hi)  # (B,) paper time
+        unit = t / formulation.T if formulation.name == "ddpm" else t  # DDPM steps 1..T → (0, 1]
+        inside = (unit >= lo) & (unit <= hi)  # (B,) paper time as a fraction of the schedule
         if scale == 1.0 or not bool(inside.any()):  # conditional branch only
             out, _ = formulation._forward(net, x_t, t, (), None, y)
         else:
