@@ -54,6 +54,7 @@ def test_paper_recipes_carry_the_paper_settings():
         assert rec.diffusion.formulation == ("rf" if sit else "ddpm")
         assert (rec.sample.sampler, rec.sample.steps) == (("sde", 250) if sit else ("ddpm", 250))
         assert rec.sample.cfg_scale == (1.8 if name.endswith("sitxl") else 1.0)
+        assert sit or rec.sample.clip_x0 is False  # DiT samples latents unclipped
         assert rec.sra.enabled and rec.sra.loss == "smooth_l1" and rec.sra.beta == 0.05
         assert rec.train.ema.decay == 0.9999 and rec.train.lr == 1e-4 and rec.train.weight_decay == 0
     xl = load_recipe(RECIPES / "imagenet256_sra_sitxl.yaml")
