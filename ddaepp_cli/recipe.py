@@ -43,6 +43,9 @@ class DataConfig:
     # latents only, when no manifest is at hand (`--dry-run` offline): 32×16×16 VA-VAE f16d32 latents of
     # ImageNet-1k's 1,281,167 training images (DDAE++ §5.2); SD-VAE latents are 4×32×32.
     latent_channels: int = 32
+    # latents only: None = normalise each channel by the cache's mean/std (LightningDiT); a number = multiply
+    # by it with no shift (DiT/SiT/SRA scale SD-VAE latents by 0.18215: `latents_scale`, bias 0).
+    latent_scale: Optional[float] = None
     # latents only: the VAE weights file used to decode samples (`ddaepp sample`). None: the file recorded
     # in the cache's manifest if it still exists, else $DDAEPP_CACHE/weights/<its file name> (latents.py).
     vae: Optional[str] = None
@@ -408,6 +411,9 @@ class Recipe:
             raise UsageError(f"model.label_dropout must be in [0, 1), got {m.label_dropout}")
         if self.data.latent_channels <= 0:
             raise UsageError(f"data.latent_channels must be positive, got {self.data.latent_channels}")
+        if self.data.latent_scale is not None and not self.data.latent_scale > 0:
+            raise UsageError(f"data.latent_scale must be positive (or null: the cache's statistics), "
+                             f"got {self.data.latent_scale}")
         d = self.diffusion
         if getattr(m, "learn_sigma", False) and d.formulation != "ddpm":
             raise UsageError(f"model.learn_sigma (improved-DDPM learned variance) needs diffusion.formulation: ddpm, "

@@ -55,6 +55,7 @@ def test_paper_recipes_carry_the_paper_settings():
         assert (rec.sample.sampler, rec.sample.steps) == (("sde", 250) if sit else ("ddpm", 250))
         assert rec.sample.cfg_scale == (1.8 if name.endswith("sitxl") else 1.0)
         assert sit or rec.sample.clip_x0 is False  # DiT samples latents unclipped
+        assert rec.data.latent_scale == 0.18215
         assert rec.sra.enabled and rec.sra.loss == "smooth_l1" and rec.sra.beta == 0.05
         assert rec.train.ema.decay == 0.9999 and rec.train.lr == 1e-4 and rec.train.weight_decay == 0
     xl = load_recipe(RECIPES / "imagenet256_sra_sitxl.yaml")
@@ -187,6 +188,25 @@ def latent_cache(tmp_path_factory):
     images = make_image_folder(base / "images")
     L.cache_latents(images, vae, base / "cache", image_size=32, batch_size=4, shard_size=8, num_workers=0)
     return base / "cache"
+
+
+def test_latent_scale_normalises_and_decodes_as_dit(latent_cache, tmp_path, monkeypatch):
+    """`data.latent_scale`: model-space latents are z·scale (no statistics), and decoding divides by it."""
+    from ddaepp_cli import latents as L
+
+    monkeypatch.setenv("DDAEPP_CACHE", str(tmp_path))
+    stats_ds, scaled_ds = L.LatentDataset(latent_cache), L.LatentDataset(latent_cache, scale=0.18215)
+    (pair_stats, y1), (pair_scaled, y2) = stats_ds[5], scaled_ds[5]
+    raw = stats_ds.denormalise(pair_stats)
+    assert y1 == y2 and pair_scaled.dtype == torch.float32
+    torch.testing.assert_close(pair_scaled, raw * 0.18215, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scaled_ds.denormalise(pair_scaled), raw, rtol=1e-5, atol=1e-5)
+    z = pair_scaled[:1]
+    dec_scaled = L.load_decoder(latent_cache, scale=0.18215)(z)
+    dec_stats = L.load_decoder(latent_cache)(pair_stats[:1])  # the same VAE latent through the statistics
+    torch.testing.assert_close(dec_scaled, dec_stats, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UsageError, match="latent_scale must be positive"):
+        load_recipe(RECIPES / "imagenet256_sra_sitb.yaml", ["data.latent_scale=0"])
 
 
 @pytest.mark.parametrize("name", PAPER)

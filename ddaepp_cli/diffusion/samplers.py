@@ -87,7 +87,7 @@ def sde_diffusion(formulation: Formulation, t: float) -> float:
 
 def euler_maruyama(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *,
                    seeds: Sequence[int] | None = None) -> tuple[Tensor, int]:
-    """SiT's SDE sampler (Ma et al., 2024, Eq. 6; `SiT:transport/integrators.py sde`, `transport.py
+    """SiT's SDE sampler (Ma et al., 2024; `SiT:transport/integrators.py sde`, `transport.py
     sample_sde`): Euler–Maruyama on the reverse SDE in paper time (dt < 0)
 
         dx = [u(x, t) − w(t)·∇log p_t(x)] dt + √(2w(t)) dW̄,   u = α'·x̂0 + σ'·ε̂,  ∇log p_t = −ε̂/σ(t)
