@@ -69,11 +69,31 @@ def matmul_peak(device: torch.device, *, n: int = 8192, dtype=torch.bfloat16, re
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": 2 * n ** 3 / best / 1e12, "best_s": best}
 
 
+def _sdpa_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """QKᵀ and AV of scaled-dot-product attention: 2·B·H·Lq·Lk·(Dqk + Dv) (2 per multiply-add)."""
+    *bh, lq, d = q_shape
+    lk, dv = k_shape[-2], v_shape[-1]
+    return 2 * math.prod(bh) * lq * lk * (d + dv)
+
+
+def _attention_ops() -> dict:
+    """Attention kernels FlopCounterMode may not know: which one SDPA dispatches to depends on the torch
+    release and the device (torch 2.14's CPU path, `_scaled_dot_product_flash_attention_for_cpu`, has no
+    formula and counted 0). Registering the formula for every variant makes the count version-independent."""
+    ops = {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            ops[packet] = _sdpa_flops  # FlopCounterMode looks formulas up by op packet
+    return ops
+
+
 def count_forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, **cond) -> int:
     """Forward FLOPs of one call (matmuls, convolutions, attention) by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_attention_ops()) as fc:
         model(x, t, **cond)
     return int(fc.get_total_flops())
 

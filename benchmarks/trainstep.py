@@ -24,7 +24,7 @@ from torch import nn
 from ddaepp_cli.build import backbone_kwargs, build_formulation, build_objective
 from ddaepp_cli.ema import EMA
 from ddaepp_cli.nets import build_backbone
-from ddaepp_cli.train import build_optimizer, effective_precision
+from ddaepp_cli.training.state import build_optimizer, effective_precision
 
 
 class TapsNet(nn.Module):
@@ -65,7 +65,7 @@ class TrainBench:
         self.optimizer = build_optimizer(recipe, self.model, device, self.aux)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.grad_clip = t.grad_clip if t.grad_clip else math.inf
-        self.precision = effective_precision(recipe, device)  # "no" on CPU, the recipe's (bf16) on GPU
+        self.precision = effective_precision(recipe, device)  # "fp32" on CPU, the recipe's (bf16) on GPU
         self.generator = torch.Generator(device=device).manual_seed(seed)
         c, s = kw["in_channels"], kw["image_size"]
         self.shape = (c, s, s)
@@ -98,7 +98,7 @@ class TrainBench:
     # ------------------------------------------------------------------ the step
 
     def autocast(self, enabled: bool = True):
-        if self.precision == "no" or not enabled:
+        if self.precision == "fp32" or not enabled:
             return contextlib.nullcontext()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         return torch.autocast(self.device.type, dtype=dtype)
@@ -111,9 +111,8 @@ class TrainBench:
         draws = obj.draw(self.batch, x.shape[1:], generator=self.generator, device=self.device)
         with self.autocast(mixed_precision):
             batch = obj.batch(x, draws, self.labels)
-            keys = obj.teacher_keys(self.ema.module, self.aux_ema.module if self.aux_ema else None, batch, draws)
-            target = obj.teacher_targets(self.ema.module, batch, draws)
-            loss, _ = obj(batch, keys, target, 0.0)
+            teach = obj.teacher_outputs(self.ema.module, self.aux_ema.module if self.aux_ema else None, batch, draws)
+            loss, _ = obj(batch, teach, 0.0)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if bool(torch.isfinite(grad_norm)):  # train.py's non-finite guard (a host sync on GPUs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .recipe import PROBE_TIMES, DataConfig, Recipe, UViTConfig
+from .recipe import DataConfig, Recipe, UViTConfig
 
 # Native geometry of the datasets, known without loading them (so `--dry-run` works offline).
 # CIFAR: 50,000 training images of 3×32×32; digits: see data.py (8×8 upsampled, 1 channel).
@@ -97,7 +97,13 @@ def build_formulation(recipe: Recipe):
     if name == "ddpm":  # what each backbone's paper feeds its time embedding, and DiT's learned Σ
         kw["time_input"] = DDPM_TIME_INPUT.get(recipe.model.backbone, "fraction")
         kw["learn_sigma"] = getattr(recipe.model, "learn_sigma", False)
-    return _build(name, **kw)
+    formulation = _build(name, **kw)
+    if recipe.data.dataset == "latents":
+        # Clipping follows the data space, not the formulation: x̂0 ∈ [−1, 1] holds for pixels only. Cached
+        # latents are normalised to unit variance (latents.py), and DiT-SRA / LightningDiT sample them
+        # unclipped (`clip_denoised=False`); every sampler reads this default.
+        formulation.clip_x0 = False
+    return formulation
 
 
 def build_augment(recipe: Recipe):
@@ -108,46 +114,14 @@ def build_augment(recipe: Recipe):
     return AugmentPipe(**{k: v for k, v in a.items() if k != "enabled"}) if a["enabled"] else None
 
 
-def contrastive_layer(recipe: Recipe) -> str:
-    """The tap contrasted by self-distillation: `contrastive.layer`, else the self-conditioning feature."""
-    return recipe.contrastive.layer or recipe.model.selfcond.layer
-
-
-def build_contrastive(recipe: Recipe, model: torch.nn.Module, formulation):
-    """The MoCo v3 heads for `model` (None when contrastive learning is off); the layer is validated."""
-    c = recipe.contrastive
-    if not c.enabled:
-        return None
-    from .losses.contrastive import ContrastiveHead
-
-    layer = contrastive_layer(recipe)
-    model.resolve_layers([layer])  # UsageError listing the valid taps
-    text = c.target_t if c.target_t is not None else PROBE_TIMES[recipe.diffusion.formulation]
-    with torch.device("cpu"):  # a schedule look-up, even when the heads are built on `meta`
-        target = formulation.parse_time(text)
-    kw = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("enabled", "layer", "target_t")}
-    return ContrastiveHead(model.feature_dims[layer], layer=layer, target_time=target, **kw)
-
-
-def build_sra(recipe: Recipe, model: torch.nn.Module):
-    """The SRA head and loss (losses/sra.py), None when SRA is off; both layers are validated."""
-    r = recipe.sra
-    if not r.enabled:
-        return None
-    from .losses.sra import SRAHead
-
-    (student,), (teacher,) = model.resolve_layers([r.student_layer]), model.resolve_layers([r.teacher_layer])
-    kw = {k: v for k, v in dataclasses.asdict(r).items() if k not in ("enabled", "student_layer", "teacher_layer")}
-    return SRAHead(model.feature_dims[student], student_layer=student, teacher_layer=teacher, **kw)
-
-
 def build_objective(recipe: Recipe, model: torch.nn.Module, formulation, net: torch.nn.Module | None = None):
-    """The training objective (losses/__init__.py) of `model`; `net` is what runs it (e.g. compiled)."""
-    from .losses import Objective
+    """The training objective (losses/__init__.py) of `model` with every auxiliary loss the recipe turns on
+    (`losses.AUX_LOSSES`); `net` is what runs it (e.g. compiled)."""
+    from .losses import AUX_LOSSES, Objective
 
     m = recipe.model
-    return Objective(net if net is not None else model, formulation, augment=build_augment(recipe),
-                     contrastive=build_contrastive(recipe, model, formulation), sra=build_sra(recipe, model),
+    aux = tuple(a for cls in AUX_LOSSES if (a := cls.from_recipe(recipe, model, formulation)) is not None)
+    return Objective(net if net is not None else model, formulation, augment=build_augment(recipe), aux_losses=aux,
                      num_classes=getattr(m, "num_classes", 0), label_dropout=getattr(m, "label_dropout", 0.0))
 
 

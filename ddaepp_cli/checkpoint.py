@@ -8,8 +8,10 @@
                           (tensors and plain Python values only: loaded with weights_only=True)
       recipe.yaml         the resolved recipe that made it
 
-A checkpoint is written into `checkpoints/.tmp-step-…` and renamed into place, so a crash or a
-kill during a save never leaves a half-written `step-*` folder; the previous one stays intact.
+A checkpoint is written into `checkpoints/.tmp-step-…` and renamed into place (atomic.replace_dir), so
+a crash or a kill during a save never leaves a half-written `step-*` folder; the previous one stays
+intact. Re-saving a step that already has a folder keeps the old copy as `.old-step-…` until the new one
+is in place; a crash between the two renames is repaired by `recover_checkpoints` on the next start.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import fsync_file, recover_dirs, replace_dir
 from .errors import UsageError
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
+OLD_STEP_DIR = re.compile(r"^\.old-step-(\d{7,})-\d+$")
 
 
 def step_dir_name(step: int) -> str:
@@ -40,30 +44,28 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    out = []
+    found: dict[int, Path] = {}
+    displaced: dict[int, Path] = {}  # `.old-step-N-pid`: the only copy if a re-save crashed mid-swap
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
         if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+            found[int(m.group(1))] = p
+        m = OLD_STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            displaced[int(m.group(1))] = p
+    for step, p in displaced.items():
+        found.setdefault(step, p)
+    return sorted(found.items())
+
+
+def recover_checkpoints(run_dir: str | os.PathLike) -> list[str]:
+    """Writer only (train, at start): put back checkpoints displaced by a re-save that crashed."""
+    return recover_dirs(Path(run_dir) / "checkpoints")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -100,17 +102,8 @@ def save_checkpoint(
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-            old = root / f".old-{step_dir_name(step)}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+            fsync_file(f)
+        replace_dir(tmp, final)  # re-saving a step (e.g. a resumed run that saves its start step) is safe
     except (OSError, SafetensorError, RuntimeError) as e:  # safetensors/torch.save wrap I/O errors (full disk)
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
@@ -120,6 +113,7 @@ def save_checkpoint(
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int, milestones: tuple[int, ...] = ()) -> None:
+    recover_checkpoints(run_dir)  # never count (or delete) a displaced copy as a leftover
     ckpts = list_checkpoints(run_dir)
     keep = {s for s, _ in ckpts[-keep_last:]} | set(milestones)
     for s, p in ckpts:

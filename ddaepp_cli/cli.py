@@ -409,3 +409,4 @@ def noisy_classifier(
         print_noisy(result)
 from . import cli_eval  # noqa: E402,F401  (registers fid, segprobe)
 from . import cli_latent  # noqa: E402,F401
+from . import cli_import  # noqa: E402,F401  (registers import)

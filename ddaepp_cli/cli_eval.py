@@ -15,12 +15,17 @@ from .cli import _emit_json, app, handle_errors
 from .errors import UsageError
 
 
-@app.command(epilog="Example: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json")
+@app.command(epilog="Examples: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json; "
+                     "ddaepp fid runs/imagenet256_rf_ditb_cond --ref VIRTUAL_imagenet256_labeled.npz --checkpoints all")
 @handle_errors
 def fid(
-    samples_or_run: str = typer.Argument(..., help="Image folder, .npz of images (arr_0, uint8 NHWC), or a run / checkpoint (samples generated on the fly)."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="cifar10-train, cifar10-val, cifar100-train, cifar100-val, stl10-*, an image folder, an .npz of images, or statistics {mu, sigma} (.npz, ADM/EDM/ddaepp). Default for CIFAR runs: <dataset>-train."),
-    metrics: str = typer.Option("fid", "--metrics", help="Comma list of fid, is, kid, prc."),
+    samples_or_run: str = typer.Argument(..., help="Image folder, .npz of images (arr_0, uint8 NHWC), or a run / checkpoint (samples generated on the fly; latent runs decode through their VAE)."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="cifar10-train, cifar10-val, cifar100-train, cifar100-val, stl10-*, an image folder, an .npz of images, or statistics {mu, sigma[, mu_s, sigma_s]} (.npz: ADM reference batch, EDM, ddaepp). Default: <dataset>-train for CIFAR runs; $DDAEPP_CACHE/refs/VIRTUAL_imagenet256_labeled.npz for latent runs."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma list of fid, is, kid, prc, sfid (default: fid; fid,sfid,is,prc against an ADM reference batch)."),
+    checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Checkpoints of a run: latest (default), all, or steps such as 100000,200000; reports each and the best (lowest FID)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale of a class-conditional run (default: the recipe's; 1 = none)."),
+    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="IS splits: adm (consecutive splits of 5000) or torch-fidelity (10 shuffled splits); default adm against an ADM reference batch, else torch-fidelity."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images: a run generates seeds 0..N-1; a folder/npz uses its first N (default: all; runs: 50000)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="fid10k or fid50k (sets --n)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of a run's samples: 0-49999, 50000-99999 (instead of --n)."),
@@ -39,7 +44,7 @@ def fid(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """FID (and IS, KID, precision/recall) through torch-fidelity's Inception, with a protocol record."""
+    """FID, sFID, IS, KID and precision/recall through torch-fidelity's Inception, with a protocol record."""
     from .fid import fid as run_fid, print_fid
 
     seed_list = None
@@ -52,7 +57,8 @@ def fid(
                      download=download, extractor_dtype=extractor_dtype,
                      save_stats=str(save_stats) if save_stats else None,
                      save_samples=str(save_samples) if save_samples else None, sampler=sampler, steps=steps,
-                     weights=weights, clip=clip, data_root=data_root, cache=not no_cache, device=device)
+                     weights=weights, clip=clip, data_root=data_root, cache=not no_cache, device=device,
+                     checkpoints=checkpoints, cfg_scale=cfg_scale, cfg_interval=cfg_interval, protocol=protocol)
     if not result:  # ranks other than 0
         return
     if json_out:

@@ -53,6 +53,17 @@ class Dist:
 
         return gather_object([obj])
 
+    def gather_to_main(self, obj: Any) -> list | None:
+        """[obj of rank 0, obj of rank 1, …] on rank 0 and None elsewhere: large results (features,
+        images) travel to the one rank that uses them, not to every rank."""
+        if self.state is None:
+            return [obj]
+        import torch.distributed as td
+
+        out = [None] * self.world if self.main else None
+        td.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()

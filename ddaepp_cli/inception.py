@@ -241,3 +241,38 @@ def describe(path: Path, dtype: str) -> dict:
     sha = sha256_of(path)
     return {"name": EXTRACTOR, "torch_fidelity": torch_fidelity.__version__, "weights": str(path),
             "weights_sha256": sha, "official_weights": is_official(sha), "internal_dtype": dtype}
+
+
+# ------------------------------------------------------------------------------------------------
+# Features of one batch, with the spatial tap of sFID
+# ------------------------------------------------------------------------------------------------
+
+# The block that the TF graph calls mixed_6 (the 7th of mixed … mixed_10) is torch-fidelity's Mixed_6d;
+# its `conv` (the 1×1 branch: conv, batch norm, ReLU) is Mixed_6d.branch1x1 (torch-fidelity's TF→PyTorch
+# key map: 'mixed_6/conv/conv2d_params' → 'Mixed_6d.branch1x1.conv').
+SPATIAL_MODULE = "Mixed_6d.branch1x1"
+
+
+def features(extractor, images: torch.Tensor, names: list[str], *, spatial: str | None = None,
+             channels: int = 7) -> dict[str, torch.Tensor]:
+    """{name: (b, D) float32} for one uint8 batch (b, 3, H, W): the extractor's own outputs (the names it
+    was loaded with) and, when `spatial` names it, the first `channels` channels of Mixed_6d.branch1x1
+    flattened in (h, w, c) order — TensorFlow's NHWC layout, the order of ADM's `mu_s` / `sigma_s`.
+    A forward hook reads the tap during the one forward pass; it is removed afterwards."""
+    grabbed: dict[str, torch.Tensor] = {}
+    handle = None
+    if spatial is not None:
+        module = extractor.get_submodule(SPATIAL_MODULE)
+
+        def hook(_module, _inputs, out):  # (b, 192, 17, 17) → (b, 17·17·channels)
+            grabbed[spatial] = out[:, :channels].permute(0, 2, 3, 1).reshape(out.shape[0], -1).to(torch.float32)
+
+        handle = module.register_forward_hook(hook)
+    try:
+        outs = extractor(images)
+    finally:
+        if handle is not None:
+            handle.remove()
+    result = {name: f for name, f in zip(extractor.features_list, outs) if name in names}
+    result.update(grabbed)
+    return result

@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .atomic import atomic_path
 from .errors import UsageError  # noqa: E402
 
 
@@ -28,16 +29,14 @@ def check_png(path: str | os.PathLike | None) -> None:
 def _save(fig, path: str | os.PathLike) -> str:
     path = Path(path)
     check_png(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, durable=False) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
     except OSError as e:
         raise UsageError(f"cannot write plot {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return str(path)
 
 

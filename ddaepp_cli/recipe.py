@@ -213,6 +213,9 @@ class RFConfig:
     cosine_loss: bool = False  # LightningDiT's extra 1 − cos(v̂, v) over channels per position
     t_max: Optional[float] = None  # largest training/sampling t; None: pixel RF's 1 − 1e-3 (official RF)
     shift: float = 1.0  # timestep shift of the euler/ddim/heun grids (paper convention; latent: 3.3)
+    # "sit": the network takes 1 − t and predicts x0 − ε (LightningDiT / SiT transport), as weights
+    # imported from those code bases do (`ddaepp import`); "ddaepp": paper t and ε − x0 (diffusion/rf.py).
+    net_convention: Literal["ddaepp", "sit"] = "ddaepp"
 
 
 DIFFUSION_SCHEMAS: dict[str, type] = {"ddpm": DDPMConfig, "edm": EDMConfig, "rf": RFConfig}
@@ -341,7 +344,7 @@ class SampleConfig:
 
     sampler: Optional[str] = None  # None: the formulation's default (ddpm: ddim, edm: heun, rf: rk45)
     steps: Optional[int] = None  # None: the sampler's paper default (DDIM 100, Heun 18, …)
-    clip_x0: Optional[bool] = None  # clip x̂0 to [−1, 1] in the sampler; None: formulation default (DDPM/EDM on as DDAE, RF off)
+    clip_x0: Optional[bool] = None  # clip x̂0 to [−1, 1] in the sampler; None: pixel DDPM/EDM on (DDAE), RF and every latent run off
     batch_size: int = 256
     # Classifier-free guidance (class-conditional models; diffusion/cfg.py): out = u + w·(c − u) for paper
     # t inside cfg_interval, the conditional output alone outside. 1.0 = no guidance (one forward).
@@ -401,6 +404,9 @@ class Recipe:
 
     def _check_latent(self) -> None:
         m, s, r = self.model, self.sample, self.sra
+        if self.data.dataset == "latents" and s.clip_x0:
+            raise UsageError("sample.clip_x0: true clips x̂0 to [-1, 1], a pixel range; data.dataset latents are "
+                             "normalised to unit variance, so latent runs never clip (leave sample.clip_x0 unset)")
         if s.cfg_scale < 0 or not 0.0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1.0:
             raise UsageError(f"sample.cfg_scale must be >= 0 and sample.cfg_interval [lo, hi] within [0, 1], "
                              f"got {s.cfg_scale}, {list(s.cfg_interval)}")

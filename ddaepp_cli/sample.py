@@ -210,7 +210,6 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
                    cfg_interval: str | None = None, class_label: int | None = None) -> dict[str, Any]:
     """Library entry of `ddaepp sample` (multi-process aware: seeds are sharded, rank 0 writes)."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     from . import __version__
 
@@ -220,6 +219,9 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
     steps = recipe.sample.steps if steps is None else steps
+    if clip and recipe.data.dataset == "latents":
+        raise UsageError("--clip clips x̂0 to [-1, 1], a pixel range; this run's latents have unit variance "
+                         "(latent runs sample unclipped)")
     clip = recipe.sample.clip_x0 if clip is None else clip
     clip = formulation.clip_x0 if clip is None else clip
     batch_size = recipe.sample.batch_size if batch_size is None else batch_size
@@ -242,13 +244,18 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
                             cfg_interval=parse_interval(cfg_interval), device=device)
     images = generate(model, formulation, mine, shape=shape, sampler=sampler, steps=steps, clip=clip,
                       batch_size=batch_size, device=device, show_progress=True, **opts)
-    if state.num_processes > 1:
-        parts = gather_object([(mine, images)])
-        order = {}
-        for s_list, imgs in parts:
-            for s, img in zip(s_list, imgs):
-                order[s] = img
-        images = torch.stack([order[s] for s in seeds])
+    if state.num_processes > 1:  # to the writer (rank 0) only: every rank holding all images costs N×H×W×C each
+        import torch.distributed as td
+
+        parts = [None] * state.num_processes if state.is_main_process else None
+        td.gather_object((mine, images), parts, dst=0)
+        del images
+        if parts is not None:
+            order = {}
+            for s_list, imgs in parts:
+                for s, img in zip(s_list, imgs):
+                    order[s] = img
+            images = torch.stack([order[s] for s in seeds])
     record = {"command": "sample", "checkpoint": str(ckpt), "weights": weights, "sampler": sampler,
               "steps": steps, "clip_x0": clip, "seeds": [seeds[0], seeds[-1]], "n": len(seeds),
               "formulation": recipe.diffusion.formulation, "backbone": recipe.model.backbone,

@@ -1,4 +1,5 @@
-"""KL autoencoders for latent diffusion: VA-VAE f16d32 and SD-VAE, loaded from LDM-format checkpoints.
+"""KL autoencoders for latent diffusion: VA-VAE f16d32 and SD-VAE, loaded from LDM-format checkpoints
+(or from diffusers' own layout: a `save_pretrained` folder or its weights file, vae_diffusers.py).
 
 The network is diffusers' `AutoencoderKL` (a well-kept implementation); only the key conversion is
 ours (architecture.md §10.3):
@@ -88,7 +89,7 @@ def missing_message(path: Path, kind: Optional[str]) -> str:
         k = KINDS[kind]
         return (f"VAE weights not found: {path}. Download {k.file} from {k.source} and put it at "
                 f"{default_weights_path(kind)} (the default; $DDAEPP_CACHE/weights/), or pass --vae PATH")
-    return f"VAE weights not found: {path}; pass --vae PATH to an LDM-format autoencoder checkpoint"
+    return f"VAE weights not found: {path}; pass --vae PATH to an LDM- or diffusers-format autoencoder checkpoint"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,11 +124,8 @@ def read_ldm_state_dict(path: str | os.PathLike, kind: Optional[str] = None) -> 
             break
     sd = {k: v for k, v in sd.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
-        if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
-            raise UsageError(f"VAE checkpoint {path} is in diffusers layout; ddaepp reads the LDM (CompVis) layout "
-                             f"(keys encoder.down.0.block.0…, as in the released VA-VAE / SD-VAE .ckpt files)")
-        raise UsageError(f"VAE checkpoint {path} holds no LDM autoencoder (encoder.conv_in.weight / "
-                         f"decoder.conv_in.weight missing)")
+        raise UsageError(f"VAE checkpoint {path} holds no KL autoencoder, neither LDM nor diffusers layout "
+                         f"(encoder.conv_in.weight / decoder.conv_in.weight missing)")
     return sd
 
 
@@ -254,9 +252,12 @@ def load_vae(path: str | os.PathLike, kind: Optional[str] = None, device: torch.
         from .errors import choices
 
         raise UsageError(f"unknown VAE kind {kind!r}; valid: {choices(KINDS)}")
-    path = Path(path)
+    from .vae_diffusers import diffusers_config, is_diffusers_layout, weights_file
+
+    path = weights_file(Path(path)) if Path(path).is_dir() else Path(path)
     sd = read_ldm_state_dict(path, kind)
-    config = infer_config(sd, path)
+    diffusers_layout = is_diffusers_layout(sd)  # diffusers' own keys: loaded as they are (vae_diffusers.py)
+    config = diffusers_config(sd, path) if diffusers_layout else infer_config(sd, path)
     if kind is not None and kind_of(config) != kind:
         want = KINDS[kind].config
         diff = ", ".join(f"{k} {config.get(k)} (expected {v})" for k, v in want.items() if config.get(k) != v)
@@ -266,7 +267,7 @@ def load_vae(path: str | os.PathLike, kind: Optional[str] = None, device: torch.
         raise UsageError(f"VAE weights {path} (sha256 {sha[:16]}…) are not the ones the latent cache was made with "
                          f"(sha256 {expected_sha256[:16]}…); decoding would produce wrong images")
     model = build_autoencoder(config)
-    converted = convert_ldm_to_diffusers(sd, config)
+    converted = sd if diffusers_layout else convert_ldm_to_diffusers(sd, config)
     try:
         result = model.load_state_dict(converted, strict=False)
     except RuntimeError as e:  # shape mismatch

@@ -45,7 +45,7 @@ def setup(rec, n: int = 8, seed: int = 0):
 def one_batch(obj, ema, aux_ema, x, seed: int = 1):
     d = obj.draw(x.shape[0], x.shape[1:], generator=torch.Generator().manual_seed(seed), device="cpu")
     batch = obj.batch(x, d)
-    return batch, obj.teacher_keys(ema.module, aux_ema.module, batch, d)
+    return batch, obj.teacher_outputs(ema.module, aux_ema.module, batch, d)["contrastive"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,12 +78,12 @@ def test_time_dependent_head_sees_the_time_and_moco_head_does_not():
 def test_target_time_defaults_to_the_probing_time():
     for form, model, expected in [("ddpm", UNET, 11.0), ("edm", UNET, 0.0599), ("rf", UNET, 0.06)]:
         _, obj, *_ = setup(recipe(model, form))
-        assert obj.contrastive.target_time == pytest.approx(expected, abs=1e-4)
+        assert obj.aux["contrastive"].target_time == pytest.approx(expected, abs=1e-4)
     _, obj, *_ = setup(recipe(UNET, "edm", target_t="0.002"))  # Tab. 6c "minimal noise"
-    assert obj.contrastive.target_time == 0.002
-    assert obj.contrastive.layer == "out_2"  # the self-conditioning layer
+    assert obj.aux["contrastive"].target_time == 0.002
+    assert obj.aux["contrastive"].layer == "out_2"  # the self-conditioning layer
     _, obj, *_ = setup(recipe(UVIT))
-    assert obj.contrastive.layer == "cls"  # the [CLS] token
+    assert obj.aux["contrastive"].layer == "cls"  # the [CLS] token
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,14 +97,14 @@ def test_no_gradient_reaches_the_ema_teacher(model_cfg):
     before = [p.clone() for p in (*ema.module.parameters(), *aux_ema.module.parameters())]
     batch, keys = one_batch(obj, ema, aux_ema, x)
     assert not keys.k1.requires_grad and keys.k1.shape == (8, 32) and keys.offset == 0
-    loss, parts = obj(batch, keys)
+    loss, parts = obj(batch, {"contrastive": keys})
     opt = torch.optim.Adam(obj.parameters(), lr=1e-2)
     loss.backward()
     opt.step()
     teacher = [*ema.module.parameters(), *aux_ema.module.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in teacher)
     assert all(torch.equal(a, b) for a, b in zip(before, teacher))  # only ema.update may move it
-    head = obj.contrastive
+    head = obj.aux["contrastive"]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.projector.parameters())
     assert parts["loss_moco"] > 0 and torch.isfinite(loss)
 
@@ -116,7 +116,7 @@ def test_gamma_zero_step_is_the_plain_diffusion_step(model_cfg):
     model, obj, ema, aux_ema, x = setup(recipe(model_cfg, weight=0.0))
     plain = copy.deepcopy(model)
     batch, keys = one_batch(obj, ema, aux_ema, x)
-    loss, parts = obj(batch, keys)
+    loss, parts = obj(batch, {"contrastive": keys})
     assert parts["loss_moco"] > 0  # the contrastive term was computed
     ref = obj.formulation.loss(plain, batch.x0, t=batch.t, noise=batch.noise, aug_label=batch.aug_label)
     ref_loss = ref.loss.float().mean()
@@ -132,7 +132,7 @@ def test_gamma_zero_step_is_the_plain_diffusion_step(model_cfg):
     # …and with γ > 0 the contrastive gradient does reach the online backbone
     model2, obj2, ema2, aux2, x2 = setup(recipe(model_cfg, weight=1.0))
     b2, k2 = one_batch(obj2, ema2, aux2, x2)
-    obj2(b2, k2)[0].backward()
+    obj2(b2, {"contrastive": k2})[0].backward()
     grads = {n: p.grad.clone() for n, p in model2.named_parameters() if p.grad is not None}
     model2.zero_grad()
     obj2.formulation.loss(model2, b2.x0, t=b2.t, noise=b2.noise, aug_label=b2.aug_label).loss.mean().backward()
@@ -143,7 +143,7 @@ def test_diffusion_views_first_trains_only_view_one():
     _, obj, ema, aux_ema, x = setup(recipe(UNET, weight=0.0, diffusion_views="first"))
     batch, keys = one_batch(obj, ema, aux_ema, x)
     assert batch.views == 2 and batch.x0.shape[0] == 16
-    loss, parts = obj(batch, keys)
+    loss, parts = obj(batch, {"contrastive": keys})
     per_sample = obj.formulation.loss(obj.net, batch.x0, t=batch.t, noise=batch.noise, aug_label=batch.aug_label).loss
     assert torch.allclose(loss, per_sample[:8].mean()) and not torch.allclose(loss, per_sample.mean())
 
@@ -164,7 +164,7 @@ def test_contrastive_loss_falls_on_a_toy_problem():
         d = obj.draw(16, x.shape[1:], generator=g, device="cpu")
         d.t, d.t2 = d.t.clamp(max=20), d.t2.clamp(max=20)  # the online views at low noise
         batch = obj.batch(x, d)
-        loss, parts = obj(batch, obj.teacher_keys(ema.module, aux_ema.module, batch, d))
+        loss, parts = obj(batch, obj.teacher_outputs(ema.module, aux_ema.module, batch, d))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -152,14 +152,14 @@ def test_sra_teacher_early_exit_on_the_original_network(name):
     x = torch.randn(4, 1, 8, 8)
     d = obj.draw(4, x.shape[1:], generator=torch.Generator().manual_seed(1), device="cpu")
     batch = obj.batch(x, d, torch.tensor([1, 2, 3, 4]))
-    target = obj.teacher_targets(model, batch, d)
-    t_teacher = obj.sra.teacher_time(f, batch.t, d.sra_u)
+    target = obj.teacher_outputs(model, None, batch, d)["sra"]
+    t_teacher = obj.aux["sra"].teacher_time(f, batch.t, d.sra_u)
     x_t = f.perturb(batch.x0, t_teacher, batch.noise).float()
     _, full = model.forward_with_features(x_t, f.net_time(t_teacher), ["3"], class_labels=batch.class_labels)
     assert torch.equal(target, full["3"])
     calls = []
     model.blocks[3].register_forward_hook(lambda *a: calls.append(1))
-    obj.teacher_targets(model, batch, d)
+    obj.teacher_outputs(model, None, batch, d)
     assert calls == []
 
 

@@ -179,6 +179,55 @@ def test_fid_two_processes_match_one(tmp_path):
     assert len(list((tmp_path / "two" / "eval").iterdir())) == 1
 
 
+def test_fid_latent_run_two_processes_match_one(tmp_path):
+    """`ddaepp fid` of a latent DiT run (CFG from the recipe, VAE decoding) against an ADM-layout reference: the
+    FID, sFID and IS statistics of 2 processes equal 1 process's (issue 12)."""
+    from ddaepp_cli import inception
+    from ddaepp_cli.fid import fid
+    from test_fid_latent import make_latent_run, write_adm_reference
+
+    torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDAEPP_CACHE", str(tmp_path / "cache"))
+        lat = make_latent_run(tmp_path, steps=(1,))
+        ref = write_adm_reference(tmp_path, str(tmp_path / "w.pth"))
+        kw = dict(ref=str(ref), inception_weights=str(tmp_path / "w.pth"), metrics="fid,sfid,is")
+        one = fid(str(lat["run"]), seeds=[0, 1, 2], batch_size=2, save_stats=str(tmp_path / "one.npz"), **kw)
+        r2 = torchrun("fid", lat["run"], "--seeds", "0-2", "--batch-size", 2, "--ref", ref, "--metrics", "fid,sfid,is",
+                      "--inception-weights", tmp_path / "w.pth", "--save-stats", tmp_path / "two.npz", "--json")
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    two = json.loads(r2.stdout)
+    assert (one["protocol"]["world_size"], two["protocol"]["world_size"]) == (1, 2)
+    assert two["protocol"]["cfg_scale"] == one["protocol"]["cfg_scale"] == 2.0 and two["protocol"]["latent"]
+    for k, v in one["metrics"].items():
+        assert abs(two["metrics"][k] - v) <= 1e-9 * max(abs(v), 1e-12), (k, two["metrics"][k], v)
+    with np.load(tmp_path / "one.npz") as x, np.load(tmp_path / "two.npz") as y:
+        assert int(x["n"]) == int(y["n"]) == 3
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            np.testing.assert_allclose(y[key], x[key], rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+def test_sample_and_fid_gather_to_rank_zero_only(tmp_path):
+    """Issue 13.7: images (`sample`) and features (`fid`) travel to the writer, rank 0, not to every rank: rank 1
+    receives no payload from the collectives (tests/mp_helpers/gather_to_main.py counts the bytes)."""
+    from ddaepp_cli import inception
+    from test_fid import TINY_RGB, write_images
+
+    torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
+    write_images(tmp_path / "B", seed=2, n=4, shift=50)
+    save_random_checkpoint(tmp_path / "run", TINY_RGB)
+    r = torchrun(tmp_path / "run", tmp_path / "B", tmp_path / "w.pth", tmp_path / "out",
+                 script=HELPERS / "gather_to_main.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rank0, rank1 = (json.loads((tmp_path / f"out-{k}.json").read_text()) for k in (0, 1))
+    share = 4 * 16 * 16 * 3  # rank 1's 4 images of 16×16×3 bytes
+    assert rank0["sample"] > share and rank1["sample"] == 0
+    assert rank0["fid"] > 4 * (2048 + 2023 + 1008) * 4 and rank1["fid"] < 100  # a cache-agreement flag at most
+    with np.load(tmp_path / "out-samples" / "samples.npz") as x, \
+            np.load(tmp_path / "out-fid-samples" / "samples.npz") as y:
+        assert x["arr_0"].shape == (8, 16, 16, 3) and np.array_equal(x["arr_0"], y["arr_0"])
+
+
 def test_cache_latents_two_processes_match_one(tmp_path):
     """3 shards of 8 images on 2 ranks (shards 0, 2 and 1): every file of the cache byte for byte as one
     process writes it (shards, records, statistics, manifest), and a summary of the whole cache."""
@@ -266,3 +315,73 @@ def test_two_process_training_killed_mid_run_resumes_exactly(tmp_path):
     a = {rec["step"]: rec["loss"] for rec in records(run)}
     b = {rec["step"]: rec["loss"] for rec in records(ref)}
     assert a == b and sorted(a) == list(range(1, 9))  # bitwise: JSON floats round-trip exactly
+
+
+# ------------------------------------------------------------------------------------------------
+# Every recipe family with an EMA teacher: 2 processes train what 1 process trains
+# ------------------------------------------------------------------------------------------------
+
+
+def _compare_runs(one: Path, two: Path, keys: tuple[str, ...], steps: int) -> None:
+    from safetensors.torch import load_file
+
+    a, b = records(one), records(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (k, x, y)
+    c1, c2 = (latest := lambda r: sorted((r / "checkpoints").iterdir())[-1])(one), latest(two)
+    for name in ("model.safetensors", "ema.safetensors"):
+        w1, w2 = load_file(c1 / name), load_file(c2 / name)
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=f"{name}:{k}")
+    s1, s2 = (torch.load(c / "state.pt", weights_only=True) for c in (c1, c2))
+    for k in s1["aux_ema"]:  # the teacher's heads (contrastive projector; SRA head)
+        torch.testing.assert_close(s1["aux_ema"][k], s2["aux_ema"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _write_recipe(path: Path, base: Path, sets: list[str]) -> Path:
+    from ddaepp_cli.recipe import load_recipe, recipe_to_yaml
+
+    path.write_text(recipe_to_yaml(load_recipe(base, sets)))
+    return path
+
+
+@pytest.mark.slow
+def test_sra_and_contrastive_two_processes_match_one(tmp_path):
+    """Before: each rank built its EMA (the SRA / contrastive teacher) from its own seed before DDP synced
+    the online weights; losses (loss_sra) differed from one process while rank 0's checkpoint looked fine."""
+    from ddaepp_cli import latents
+    from test_latents import make_image_folder, write_tiny_vae
+
+    os.environ.setdefault("DDAEPP_CACHE", str(tmp_path / "cache-home"))
+    vae = tmp_path / "vae.safetensors"
+    write_tiny_vae(vae)
+    cache = tmp_path / "latents"
+    latents.cache_latents(make_image_folder(tmp_path / "images", per_class=4), vae, cache, image_size=32,
+                          batch_size=4, shard_size=8, num_workers=0)
+    steps = 3
+    sra = _write_recipe(tmp_path / "sra.yaml", ROOT / "recipes" / "imagenet256_sra_ditb.yaml", [
+        f"data.root={cache}", "data.latent_channels=8", "data.num_workers=0", "model.width=32", "model.depth=8",
+        "model.heads=2", "model.num_classes=2", "train.global_batch=4", "train.precision=fp32", "train.log_every=1",
+        "train.checkpoint_every=1000", "train.sample_every=0", "train.lr=1e-3"])  # the recipe's EMA 0.9999
+    contrastive = _write_recipe(tmp_path / "cl.yaml", ROOT / "recipes" / "cifar100_edm_ddpm_sc_aug_cl.yaml", [
+        "data.dataset=digits", "data.image_size=8", "data.num_workers=0", "model.channels=32",
+        "model.ch_mults=[1, 1]", "model.n_blocks=1", "model.attn_resolutions=[4]", "model.selfcond.layer=out_2",
+        "model.dropout=0.0",  # dropout draws from the per-rank RNG
+        "contrastive.hidden=32", "contrastive.dim=16",
+        # BatchNorm in the heads is per process on CPU (SyncBatchNorm needs CUDA): without it the step is
+        # process-count independent; on GPUs the heads' BN is synchronised.
+        "contrastive.norm=none", "train.global_batch=8", "train.batch_per_process=null", "train.precision=fp32",
+        "train.log_every=1", "train.checkpoint_every=1000", "train.sample_every=0", "train.ema.decay=0.5",
+        "train.ema.warmup=none"])
+    env = {"DDAEPP_CACHE": os.environ["DDAEPP_CACHE"]}
+    for recipe, keys in ((sra, ("loss", "loss_diff", "loss_sra")), (contrastive, ("loss", "loss_diff", "loss_moco"))):
+        one, two = tmp_path / f"{recipe.stem}-one", tmp_path / f"{recipe.stem}-two"
+        r1 = run_cli("train", recipe, "--run-dir", one, "--max-steps", steps, env=env)
+        assert r1.returncode == 0, r1.stderr
+        cmd, e = torchrun_cmd("train", recipe, "--run-dir", two, "--max-steps", steps)
+        r2 = subprocess.run(cmd, capture_output=True, text=True, env={**e, **env}, timeout=600, cwd=ROOT)
+        assert r2.returncode == 0, r2.stdout + r2.stderr
+        _compare_runs(one, two, keys, steps)

@@ -40,15 +40,15 @@ def test_teacher_early_exit_equals_the_full_forward_block(recipe):
     x = torch.randn(4, 1, 8, 8)
     d = obj.draw(4, x.shape[1:], generator=torch.Generator().manual_seed(1), device="cpu")
     batch = obj.batch(x, d, torch.tensor([1, 2, 3, 4]))
-    target = obj.teacher_targets(model, batch, d)
-    t_teacher = obj.sra.teacher_time(f, batch.t, d.sra_u)
+    target = obj.teacher_outputs(model, None, batch, d)["sra"]
+    t_teacher = obj.aux["sra"].teacher_time(f, batch.t, d.sra_u)
     assert ((t_teacher <= batch.t) & (t_teacher >= batch.t - 0.2 - 1e-7) & (t_teacher >= 0)).all()
     x_t = f.perturb(batch.x0, t_teacher, batch.noise).float()
     _, full = model.forward_with_features(x_t, f.net_time(t_teacher), ["3"], class_labels=batch.class_labels)
     assert torch.equal(target, full["3"])
     calls = []
     model.blocks[3].register_forward_hook(lambda *a: calls.append(1))
-    obj.teacher_targets(model, batch, d)
+    obj.teacher_outputs(model, None, batch, d)["sra"]
     assert calls == []  # block 4 and the final layer never run for the teacher
 
 

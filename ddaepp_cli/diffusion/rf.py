@@ -41,6 +41,10 @@ class RF(Formulation):
     `time_sampling`: "uniform" (official RF) or "logit_normal", t = sigmoid(n), n ~ N(0, 1) (LightningDiT
     `use_lognorm`; symmetric about 1/2, so the same in both time conventions). `cosine_loss` adds
     LightningDiT's 1 − cos(v̂, v) taken over channels at each position, averaged over positions.
+    `net_convention`: "ddaepp" (the network sees paper t and predicts ε − x0) or "sit" — the network
+    sees 1 − t and predicts x0 − ε, as LightningDiT's and SiT's transport train it (t = 1 is data there;
+    LightningDiT:transport/path.py `ICPlan`, SiT:transport/path.py). Weights imported from those code
+    bases (`ddaepp import`) keep their convention; the formulation converts at its boundary.
     """
 
     name = "rf"
@@ -53,11 +57,15 @@ class RF(Formulation):
     _takes_shift = True
 
     def __init__(self, t_max: float | None = PIXEL_T_MAX, shift: float = 1.0, time_sampling: str = "uniform",
-                 cosine_loss: bool = False):
+                 cosine_loss: bool = False, net_convention: str = "ddaepp"):
         t_max = PIXEL_T_MAX if t_max is None else t_max
         if time_sampling not in ("uniform", "logit_normal"):
             raise UsageError(f"unknown rf time_sampling {time_sampling!r}; valid: uniform, logit_normal")
         self.time_sampling, self.cosine_loss = time_sampling, bool(cosine_loss)
+        if net_convention not in ("ddaepp", "sit"):
+            raise UsageError(f"unknown rf net_convention {net_convention!r}; valid: ddaepp, sit")
+        self.net_convention = net_convention
+        self._v_sign = -1.0 if net_convention == "sit" else 1.0  # network output = sign · (ε − x0)
         if not 0.0 < t_max <= 1.0:
             raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
         if not shift > 0:
@@ -86,13 +94,15 @@ class RF(Formulation):
 
     def net_time(self, t: Tensor) -> Tensor:
         # Raw paper t ∈ [0, 1], the same range and direction as DDPM's t/T, so the DDAE UNets'
-        # embedding sees what it sees under DDPM (official RF feeds 999·t_RF; architecture.md §5.4).
+        # embedding sees what it sees under DDPM (official RF feeds 999·t_RF).
+        if self.net_convention == "sit":  # SiT/LightningDiT time: 1 is data (class doc)
+            return (1.0 - t.to(torch.float64)).to(torch.float32)
         return t.to(torch.float32)
 
     # ------------------------------------------------------------------ training and inference
 
     def _loss_elements(self, out, x0, x_t, noise, t):
-        target = noise - x0
+        target = self._v_sign * (noise - x0)  # the network's own convention (class doc)
         sq = (out - target) ** 2  # ‖v_θ(x_t, t) − (ε − x0)‖², unweighted (DDAE++ App. A)
         if not self.cosine_loss:
             return sq
@@ -103,7 +113,8 @@ class RF(Formulation):
 
     def _prediction(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
         t = expand_like(t, x_t)
-        return Prediction(x0=x_t - t * out, eps=x_t + (1.0 - t) * out)
+        v = out if self._v_sign == 1.0 else -out  # ε − x0 in paper convention
+        return Prediction(x0=x_t - t * v, eps=x_t + (1.0 - t) * v)
 
     def prior_scale(self) -> float:
         return 1.0

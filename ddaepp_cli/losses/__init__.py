@@ -1,44 +1,49 @@
-"""The training objective L = L_diff + γ·L_MoCo (DDAE++ §4.2) or L_diff + λ·L_SRA (SRA) as one module, with
-its per-sample draws.
+"""The training objective L = L_diff + Σ auxiliary losses (DDAE++ §4.2 contrastive self-distillation, SRA) as one
+module, with its per-sample draws.
 
 `Objective` holds everything that receives gradients — the backbone and the auxiliary modules (EDM2's
-uncertainty u(σ), the contrastive heads) — so that one DDP wrapper all-reduces all of them. The
-train step (train.py) is
+uncertainty u(σ), the `AuxLoss` heads of aux.py) — so that one DDP wrapper all-reduces all of them. The
+train step (training/step.py) is
 
     draws = objective.draw(B_global, shape, generator=shared)[lo:hi]     # every random number
     batch = objective.batch(x, draws)                                    # views, times, noise, labels
-    keys  = objective.teacher_keys(ema_net, ema_aux, batch, draws, …)   # no grad; None without CL
-    target = objective.teacher_targets(ema_net, batch, draws)           # no grad; None without SRA
-    loss, parts = ddp_objective(batch, keys, target, epoch)
+    teach = objective.teacher_outputs(ema_net, ema_aux, batch, draws)   # no grad; {aux name: output}
+    loss, parts = ddp_objective(batch, teach, epoch)
+
+It names no auxiliary method: they are the `AUX_LOSSES` below, each built from its recipe section.
 
 Class-conditional backbones (DiT with `num_classes > 0`): the data labels are replaced by the null class
 with probability `label_dropout` (CFG training, LightningDiT 0.1); the drop bits are per-sample draws.
 
-Randomness: all per-sample draws (augmentation parameters, the second view, diffusion times and
-noise, the teacher's noise) come from one generator for the whole global batch in a fixed order, so
-a rank's slice is the same for any process count. The order starts with t and noise exactly as a
-plain diffusion step draws them, so recipes without augmentation keep their random stream.
+Randomness: all per-sample draws (augmentation parameters, the views, diffusion times and noise, the
+label dropout, each auxiliary loss's own draws) come from one generator for the whole global batch in a
+fixed order, so a rank's slice is the same for any process count. The order starts with t and noise
+exactly as a plain diffusion step draws them, so recipes without augmentation keep their random stream.
 
-Views: with augmentation the batch is the augmented image (label = its 9-d EDM label); with
-contrastive learning two independently augmented views of each image, stacked (2b, …), each with its
-own diffusion time and noise. `contrastive.diffusion_views` says which get the diffusion loss:
-`both` (default — the online forward of both views is needed for q1 and q2 anyway, so the second
+Views: with augmentation the batch is the augmented image (label = its 9-d EDM label); an auxiliary loss
+with `views = 2` (contrastive learning) gets two independently augmented views of each image, stacked
+(2b, …), each with its own diffusion time and noise; its `diffusion_views` says which get the diffusion
+loss: `both` (the contrastive default — the online forward of both views is needed anyway, so the second
 diffusion loss is free) or `first`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..diffusion.augment import AugmentPipe, AugParams
+from .aux import AuxLoss
 from .contrastive import ContrastiveHead, Keys
 from .sra import SRAHead
 
-__all__ = ["Batch", "ContrastiveHead", "Draws", "Keys", "Objective", "SRAHead"]
+# Every auxiliary method; `build_objective` asks each for its instance from the recipe (None when off).
+AUX_LOSSES: tuple[type[AuxLoss], ...] = (ContrastiveHead, SRAHead)
+
+__all__ = ["AUX_LOSSES", "AuxLoss", "Batch", "ContrastiveHead", "Draws", "Keys", "Objective", "SRAHead"]
 
 
 @dataclass
@@ -48,16 +53,22 @@ class Draws:
     t: Tensor  # (n,) diffusion time of view 1 (paper convention)
     noise: Tensor  # (n, C, H, W)
     aug: AugParams | None = None  # view 1's augmentation
-    aug2: AugParams | None = None  # contrastive: view 2's augmentation, time and noise
+    aug2: AugParams | None = None  # a second view's augmentation, time and noise (views = 2)
     t2: Tensor | None = None
     noise2: Tensor | None = None
-    key_noise: Tensor | None = None  # (n, 2, C, H, W): the teacher's noise for views 1 and 2
     label_drop: Tensor | None = None  # (n,) bool: CFG label dropout (class-conditional models)
-    sra_u: Tensor | None = None  # (n,) U(0, 1): SRA's dynamic teacher-time gap
+    extra: dict[str, Tensor] = field(default_factory=dict)  # the auxiliary losses' own draws, by name
 
     def __getitem__(self, sl: slice) -> "Draws":
-        return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
-                                if getattr(self, f.name) is not None})
+        out = replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
+                               if f.name != "extra" and getattr(self, f.name) is not None})
+        out.extra = {k: v[sl] for k, v in self.extra.items()}
+        return out
+
+    def __getattr__(self, name: str) -> Tensor | None:  # d.key_noise, d.sra_u: an auxiliary loss's draw
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.__dict__.get("extra", {}).get(name)
 
 
 @dataclass
@@ -73,31 +84,29 @@ class Batch:
 
 
 class Objective(nn.Module):
-    """Diffusion loss (+ γ·MoCo) of a backbone; `aux` holds the trainable non-backbone modules."""
+    """Diffusion loss plus the auxiliary losses of a backbone; `aux` holds the trainable non-backbone modules."""
 
     def __init__(self, net: nn.Module, formulation, *, augment: AugmentPipe | None = None,
-                 contrastive: ContrastiveHead | None = None, sra: SRAHead | None = None,
-                 num_classes: int = 0, label_dropout: float = 0.0):
+                 aux_losses: tuple[AuxLoss, ...] = (), num_classes: int = 0, label_dropout: float = 0.0):
         super().__init__()
-        self.net = net  # the backbone (possibly torch.compile'd); checkpointed separately
+        self.net = net  # the backbone (possibly compiled); checkpointed separately
         self.formulation = formulation
         self.augment = augment
         self.num_classes, self.label_dropout = num_classes, label_dropout if num_classes > 0 else 0.0
         self.aux = nn.ModuleDict()  # optimised, EMA'd and checkpointed with the training state
         if getattr(formulation, "uncertainty", None) is not None:
             self.aux["uncertainty"] = formulation.uncertainty  # EDM2 u(σ): the formulation calls it
-        if contrastive is not None:
-            self.aux["contrastive"] = contrastive
-        if sra is not None:
-            self.aux["sra"] = sra
+        for loss in aux_losses:
+            self.aux[loss.name] = loss
+        self.views = max([1, *(a.views for a in self.aux_losses)])
+        if self.views > 2:
+            raise ValueError("at most two views per image are supported")
+        if self.views > 1 and augment is None:
+            raise ValueError("several views per image need the augmentation pipe")
 
     @property
-    def sra(self) -> SRAHead | None:
-        return self.aux["sra"] if "sra" in self.aux else None
-
-    @property
-    def contrastive(self) -> ContrastiveHead | None:
-        return self.aux["contrastive"] if "contrastive" in self.aux else None
+    def aux_losses(self) -> list[AuxLoss]:
+        return [m for m in self.aux.values() if isinstance(m, AuxLoss)]
 
     # ------------------------------------------------------------------ randomness and inputs
 
@@ -109,15 +118,18 @@ class Objective(nn.Module):
         t = self.formulation.sample_time(n, device=device, generator=generator)
         noise = torch.randn((n, *shape), device=device, generator=generator)
         d = Draws(t=t, noise=noise, aug=aug)
-        if self.contrastive is not None:
+        if self.views == 2:
             d.aug2 = self.augment.draw(n, size=size, generator=generator, device=device)
             d.t2 = self.formulation.sample_time(n, device=device, generator=generator)
             d.noise2 = torch.randn((n, *shape), device=device, generator=generator)
-            d.key_noise = torch.randn((n, 2, *shape), device=device, generator=generator)
+        for a in self.aux_losses:
+            if a.views > 1:  # draws that belong with the views (the contrastive teacher's noise)
+                d.extra.update(a.draw(n, shape, generator=generator, device=device))
         if self.label_dropout > 0:  # after the draws above: recipes without labels keep their stream
             d.label_drop = torch.rand(n, device=device, generator=generator) < self.label_dropout
-        if self.sra is not None:
-            d.sra_u = torch.rand(n, device=device, generator=generator)
+        for a in self.aux_losses:
+            if a.views == 1:
+                d.extra.update(a.draw(n, shape, generator=generator, device=device))
         return d
 
     @torch.no_grad()
@@ -133,62 +145,39 @@ class Objective(nn.Module):
         if self.augment is None:
             return Batch(x, d.t, d.noise, None, 1)
         x1 = self.augment(x, d.aug)
-        if self.contrastive is None:
+        if self.views == 1:
             return Batch(x1, d.t, d.noise, d.aug.label.to(x.dtype), 1)
         x2 = self.augment(x, d.aug2)
         return Batch(torch.cat((x1, x2)), torch.cat((d.t, d.t2)), torch.cat((d.noise, d.noise2)),
                      torch.cat((d.aug.label, d.aug2.label)).to(x.dtype), 2)
 
     @torch.no_grad()
-    def teacher_keys(self, teacher: nn.Module, teacher_aux: nn.ModuleDict, batch: Batch, d: Draws, *,
-                     gather: Callable[[Tensor], Tensor] = lambda k: k, rank: int = 0) -> Keys | None:
-        """The EMA teacher's keys of both views at the fixed target time; None without contrastive."""
-        head = self.contrastive
-        if head is None:
-            return None
-        f = self.formulation
-        t = torch.full_like(batch.t, head.target_time, dtype=torch.float64)  # (2b,) paper time
-        noise = torch.cat((d.key_noise[:, 0], d.key_noise[:, 1]))  # (2b, C, H, W)
-        x_t = f.perturb(batch.x0, t, noise)
-        scale = f.net_input_scale(t)
-        x_in = (x_t if isinstance(scale, float) else x_t * scale.reshape(-1, 1, 1, 1)).to(batch.x0.dtype)
-        return ContrastiveHead.teacher_keys(teacher, teacher_aux["contrastive"], x_in, f.net_time(t),
-                                            batch.aug_label, gather, rank)
-
-    @torch.no_grad()
-    def teacher_targets(self, teacher: nn.Module, batch: Batch, d: Draws) -> Tensor | None:
-        """SRA: the EMA teacher's block output at t' < t, same noise and labels; None without SRA.
-
-        `forward_features` stops right after the teacher's block (taps.py early exit)."""
-        sra = self.sra
-        if sra is None:
-            return None
-        f = self.formulation
-        t = sra.teacher_time(f, batch.t, d.sra_u)  # (b,) paper time
-        x_t = f.perturb(batch.x0, t, batch.noise)
-        scale = f.net_input_scale(t)
-        x_in = (x_t if isinstance(scale, float) else x_t * scale.reshape(-1, 1, 1, 1)).to(batch.x0.dtype)
-        feats = teacher.forward_features(x_in, f.net_time(t), [sra.teacher_layer], class_labels=batch.class_labels)
-        return feats[sra.teacher_layer]  # (b, N, D)
+    def teacher_outputs(self, teacher: nn.Module, teacher_aux: nn.ModuleDict | None, batch: Batch, d: Draws, *,
+                        gather: Callable[[Tensor], Tensor] = lambda k: k, rank: int = 0) -> dict[str, Any]:
+        """Each auxiliary loss's EMA-teacher output ({} without auxiliary losses)."""
+        return {a.name: a.teacher(teacher, teacher_aux[a.name] if teacher_aux is not None else None,
+                                  self.formulation, batch, d, gather=gather, rank=rank)
+                for a in self.aux_losses}
 
     # ------------------------------------------------------------------ the loss
 
-    def forward(self, batch: Batch, keys: Keys | None = None, sra_target: Tensor | None = None,
+    def forward(self, batch: Batch, teacher_out: dict[str, Any] | None = None,
                 epoch: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar training loss and its detached parts (for logging)."""
-        head, sra = self.contrastive, self.sra
-        layers = (head.layer,) if head is not None else (sra.student_layer,) if sra is not None else ()
+        losses = self.aux_losses
+        layers = tuple(dict.fromkeys(name for a in losses for name in a.student_layers))
         out = self.formulation.loss(self.net, batch.x0, t=batch.t, noise=batch.noise,
                                     aug_label=batch.aug_label, class_labels=batch.class_labels,
                                     feature_layers=layers)
         per_sample = out.loss.float()  # (V·b,)
-        if sra is not None:
-            l_diff = per_sample.mean()
-            l_sra = sra(out.features[sra.student_layer], sra_target)
-            return l_diff + sra.weight_at(epoch) * l_sra, {"loss_diff": l_diff.detach(), "loss_sra": l_sra.detach()}
-        if head is None:
+        if not losses:
             return per_sample.mean(), {}
         b = batch.x0.shape[0] // batch.views
-        l_diff = (per_sample if head.diffusion_views == "both" else per_sample[:b]).mean()
-        l_moco = head(out.features[head.layer], self.formulation.net_time(batch.t), keys)
-        return l_diff + head.weight * l_moco, {"loss_diff": l_diff.detach(), "loss_moco": l_moco.detach()}
+        first_only = any(a.diffusion_views == "first" for a in losses)
+        l_diff = (per_sample[:b] if first_only else per_sample).mean()
+        total, parts = l_diff, {"loss_diff": l_diff.detach()}
+        for a in losses:
+            weighted, logged = a.loss(out.features, batch, (teacher_out or {}).get(a.name), epoch, self.formulation)
+            total = total + weighted
+            parts.update(logged)
+        return total, parts

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nets.layers import TimeEmbedding, sinusoidal_embedding
+from .aux import AuxLoss, teacher_input
 
 def pool(feat: Tensor) -> Tensor:
     """Global average pool of a tap: (B, C, H, W) over H·W, (B, N, D) over tokens → (B, C)."""
@@ -82,8 +83,29 @@ class Keys:
     offset: int
 
 
-class ContrastiveHead(nn.Module):
-    """Time-dependent projector + predictor, and the symmetrised MoCo v3 loss (module docstring)."""
+class ContrastiveHead(AuxLoss):
+    """Time-dependent projector + predictor, and the symmetrised MoCo v3 loss (module docstring); an
+    `AuxLoss` (aux.py): two views per image, keys from the EMA teacher."""
+
+    name = "contrastive"
+    views = 2
+
+    @classmethod
+    def from_recipe(cls, recipe, model: nn.Module, formulation) -> "ContrastiveHead | None":
+        import dataclasses
+
+        from ..recipe import PROBE_TIMES
+
+        c = recipe.contrastive
+        if not c.enabled:
+            return None
+        layer = c.layer or recipe.model.selfcond.layer  # default: the self-conditioning feature (§4.2)
+        model.resolve_layers([layer])  # UsageError listing the valid taps
+        text = c.target_t if c.target_t is not None else PROBE_TIMES[recipe.diffusion.formulation]
+        with torch.device("cpu"):  # a schedule look-up, even when the heads are built on `meta`
+            target = formulation.parse_time(text)
+        kw = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("enabled", "layer", "target_t")}
+        return cls(model.feature_dims[layer], layer=layer, target_time=target, **kw)
 
     def __init__(self, feat_dim: int, *, layer: str, target_time: float, weight: float = 0.01,
                  tau: float = 0.2, hidden: int = 4096, dim: int = 256, proj_layers: int = 3,
@@ -96,6 +118,27 @@ class ContrastiveHead(nn.Module):
         self.time_emb = TimeEmbedding(self.sinusoid_dim, feat_dim) if time_dependent else None
         self.projector = mlp(proj_layers, feat_dim, hidden, dim, norm)
         self.predictor = mlp(pred_layers, dim, hidden, dim, norm)
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        return (self.layer,)
+
+    def draw(self, n: int, shape: tuple[int, ...], *, generator, device) -> dict[str, Tensor]:
+        return {"key_noise": torch.randn((n, 2, *shape), device=device, generator=generator)}  # teacher noise
+
+    @torch.no_grad()
+    def teacher(self, net: nn.Module, own_ema: nn.Module | None, formulation, batch, draws, *,
+                gather: Callable[[Tensor], Tensor], rank: int) -> Keys:
+        """The EMA teacher's keys of both views at the fixed target time."""
+        t = torch.full_like(batch.t, self.target_time, dtype=torch.float64)  # (2b,) paper time
+        noise = torch.cat((draws.key_noise[:, 0], draws.key_noise[:, 1]))  # (2b, C, H, W)
+        x_in = teacher_input(formulation, batch.x0, t, noise)
+        return self.teacher_keys(net, own_ema, x_in, formulation.net_time(t), batch.aug_label, gather, rank)
+
+    def loss(self, features: dict[str, Tensor], batch, teacher_out: Keys, epoch: float,
+             formulation) -> tuple[Tensor, dict[str, Tensor]]:
+        l_moco = self(features[self.layer], formulation.net_time(batch.t), teacher_out)
+        return self.weight * l_moco, {"loss_moco": l_moco.detach()}
 
     def project(self, feat: Tensor, t_net: Tensor) -> Tensor:
         """Tap (B, …) and network time (B,) → projection (B, dim); the time embedding enters before

@@ -204,7 +204,7 @@ class UViT(TapModule):
 
     def no_weight_decay(self) -> set[str]:
         """DDAE++ App. B: no decay on the positional embedding (nor biases/norms, which have ndim 1);
-        [CLS] (1, 1, D) is decayed. `train.param_groups` reads this."""
+        [CLS] (1, 1, D) is decayed. `training.state.param_groups` reads this."""
         return {"pos_embed"}
 
     def _tokens(self, x: torch.Tensor, t: torch.Tensor, aug_label: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""`ddaepp import`: a released checkpoint of another code base → a ddaepp run folder (importers/)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli import _emit_json, _resolve_recipe_path, app, handle_errors
+
+
+@app.command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
+             "--out runs/ddae_edm_ddpmpp")
+@handle_errors
+def import_cmd(
+    source: Path = typer.Argument(..., help="The checkpoint file (.pt/.pth/.ckpt read with torch.load(weights_only=True), or .safetensors)."),
+    family: str = typer.Option(..., "--from", help="ddae, uvit, lightningdit, sra, repa, dit, sit."),
+    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML or shipped recipe name whose network matches the checkpoint."),
+    out: Path = typer.Option(..., "--out", help="New run folder (must not exist or be empty)."),
+    weights: str = typer.Option("ema", "--weights", help="ema: the file's EMA weights become ema.safetensors (raw weights, where present, model.safetensors); model: its raw weights become both."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Latent families: the VAE the network was trained with (LDM or diffusers layout)."),
+    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="Latent families: per-channel latent mean/std the network was trained with (LightningDiT latents_stats.pt)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set model.num_classes=1000 (repeatable)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Convert a DDAE / U-ViT / LightningDiT / SRA / REPA checkpoint into a run: keys, conventions, a source record."""
+    from .importers import import_checkpoint
+    from .recipe import load_recipe
+
+    rec = load_recipe(_resolve_recipe_path(recipe), list(set_))
+    result = import_checkpoint(source, family=family, recipe=rec, out=out, weights=weights, vae=vae,
+                               latent_stats=latent_stats)
+    if json_out:
+        _emit_json({k: v for k, v in result.items() if k != "dropped"} |
+                   {"dropped": {r: len(keys) for r, keys in result["dropped"].items()}})
+        return
+    print(f"imported {result['source']['file']} ({family}, sha256 {result['source']['sha256'][:12]}…): "
+          f"{result['mapped_tensors']} tensors, {result['parameters']:,} parameters → {result['checkpoint']}",
+          file=sys.stderr)
+    for reason, keys in result["dropped"].items():
+        print(f"  dropped {len(keys)}: {reason}", file=sys.stderr)
+    for c in result["conventions"]:
+        print(f"  converted: {c}", file=sys.stderr)
+    print(result["run"])

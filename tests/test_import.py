@@ -1,0 +1,452 @@
+"""`ddaepp import`: foreign checkpoints in their exact on-disk layout → ddaepp runs (importers/).
+
+Every test writes the family's file the way its train.py writes it (nesting, prefixes, optimizer
+state, metadata) from a reference network built to the family's code (import_refs.py), imports it
+through the CLI and compares ddaepp's prediction with the family's own computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import import_refs as R
+
+torch.set_num_threads(1)
+
+DDAE_SET = ["--set", "model.channels=32", "--set", "model.ch_mults=[1,2]", "--set", "model.n_blocks=1",
+            "--set", "model.attn_resolutions=[16]"]
+UVIT_SET = ["--set", "model.width=64", "--set", "model.depth=2", "--set", "model.heads=2"]
+LDIT_SET = ["--set", "model.width=64", "--set", "model.depth=2", "--set", "model.heads=2",
+            "--set", "model.num_classes=10", "--set", "data.latent_channels=4", "--set", "data.image_size=4",
+            "--set", "data.root=/nonexistent-latents"]
+
+
+class NotWeights:
+    """Any class: its pickle needs arbitrary unpickling, which the import refuses."""
+
+
+def cli(*args):
+    from ddaepp_cli.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, [ln for ln in r.stderr.splitlines() if ln.strip()], r.stdout
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            unit = 1.0 if name.endswith("weight") and p.ndim == 1 else 0.0  # norm scales around 1
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + unit)
+    return module
+
+
+def ddae_checkpoint(path: Path, *, biggan: bool, augment_dim: int = 0, seed: int = 0) -> tuple[R.DDAEUNet, R.DDAEUNet]:
+    """{'MODEL', 'EMA', 'opt'} exactly as ddae train.py: DDP(module.nn_model.*), ema_pytorch EMA, Adam state."""
+    raw = randomize(R.DDAEUNet(biggan=biggan, augment_dim=augment_dim), seed)
+    ema = randomize(R.DDAEUNet(biggan=biggan, augment_dim=augment_dim), seed + 1)
+    diff = R.DDAEWrapper(raw)
+    opt = torch.optim.Adam(diff.parameters(), lr=1e-4)
+    diff.nn_model.image_proj.weight.sum().backward()
+    opt.step()
+    model_sd = {f"module.{k}": v for k, v in diff.state_dict().items()}
+    ema_sd = {f"ema_model.{k}": v for k, v in R.DDAEWrapper(ema).state_dict().items()}
+    ema_sd.update({f"online_model.{k}": v for k, v in diff.state_dict().items()})
+    ema_sd.update({"initted": torch.tensor(True), "step": torch.tensor(1234)})
+    torch.save({"MODEL": model_sd, "EMA": ema_sd, "opt": opt.state_dict()}, path)
+    return raw, ema
+
+
+@pytest.fixture(scope="module")
+def ddae_edm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddae")
+    src = root / "model_1999.pth"
+    raw, ema = ddae_checkpoint(src, biggan=True, augment_dim=9)
+    run = root / "run"
+    code, err, out = cli("import", src, "--from", "ddae", "--recipe", "cifar10_edm_ddpmpp_aug", "--out", run,
+                         *DDAE_SET, "--json")
+    assert code == 0, err
+    return {"src": src, "raw": raw, "ema": ema, "run": run, "result": json.loads(out), "root": root}
+
+
+def test_ddae_edm_ddpmpp_forward_equals_ddae(ddae_edm):
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.sample import load_model
+
+    res = ddae_edm["result"]
+    assert res["family"] == "ddae" and res["mapping_version"] == 1 and len(res["source"]["sha256"]) == 64
+    assert res["dropped"] == {"optimizer state": 1, "EMA: ema_pytorch's copy of the online (raw) weights":
+                              len(R.DDAEWrapper(ddae_edm["raw"]).state_dict()),
+                              "EMA: ema_pytorch bookkeeping (initted, step)": 2}
+    torch.manual_seed(0)
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 7.0])
+    aug = torch.randn(2, 9)
+    for weights, ref in (("ema", ddae_edm["ema"]), ("raw", ddae_edm["raw"])):
+        recipe, net, _ = load_model(ddae_edm["run"], weights=weights)
+        f = build_formulation(recipe)
+        with torch.no_grad():
+            ours = f.predict(net, x, sigma, aug_label=aug).x0
+            theirs = R.ddae_edm_denoise(ref.eval(), x, sigma, aug=aug)
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    assert (ddae_edm["run"] / "import.json").is_file() and (ddae_edm["run"] / "recipe.yaml").is_file()
+
+
+def test_ddae_ddpm_conv_unet_forward_equals_ddae(tmp_path):
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.sample import load_model
+
+    src = tmp_path / "model_99.pth"
+    raw, ema = ddae_checkpoint(src, biggan=False)
+    code, err, _ = cli("import", src, "--from", "ddae", "--recipe", "cifar10_ddpm_ddpm", "--out", tmp_path / "run",
+                       *DDAE_SET)
+    assert code == 0, err
+    recipe, net, _ = load_model(tmp_path / "run")
+    f = build_formulation(recipe)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([11, 700])
+    with torch.no_grad():
+        eps = f.predict(net, x, t).eps
+        ref = ema.eval()(x, t / 1000.0)  # ddae model/DDPM.py: nn_model(x, t / n_T)
+    torch.testing.assert_close(eps, ref, atol=2e-5, rtol=1e-4)
+    # --weights model: the raw weights (MODEL) become what every command reads by default
+    code, err, out = cli("import", src, "--from", "ddae", "--recipe", "cifar10_ddpm_ddpm", "--out", tmp_path / "raw",
+                         *DDAE_SET, "--weights", "model", "--json")
+    assert code == 0, err
+    assert json.loads(out)["dropped"]["EMA weights (--weights model imports the raw weights)"] == len(ema.state_dict())
+    _, net, _ = load_model(tmp_path / "raw")
+    with torch.no_grad():
+        torch.testing.assert_close(f.predict(net, x, t).eps, raw.eval()(x, t / 1000.0), atol=2e-5, rtol=1e-4)
+
+
+def test_ddae_tampered_files_exit_2_with_one_line(tmp_path):
+    src = tmp_path / "model.pth"
+    ddae_checkpoint(src, biggan=False)
+    obj = torch.load(src, weights_only=True)
+    cases = {}
+    missing = dict(obj, EMA={k: v for k, v in obj["EMA"].items() if k != "ema_model.nn_model.middle.attn.output.weight"})
+    torch.save(missing, tmp_path / "missing.pth")
+    cases["missing.pth"] = "mid.attn.out.weight"
+    shape = dict(obj, EMA=dict(obj["EMA"], **{"ema_model.nn_model.final.bias": torch.zeros(4)}))
+    torch.save(shape, tmp_path / "shape.pth")
+    cases["shape.pth"] = "final.bias"
+    extra = dict(obj, EMA=dict(obj["EMA"], **{"ema_model.nn_model.up.99.res.conv1.weight": torch.zeros(1)}))
+    torch.save(extra, tmp_path / "extra.pth")
+    cases["extra.pth"] = "up.99"
+    torch.save({"MODEL": obj["MODEL"], "EMA": obj["EMA"], "opt": NotWeights()}, tmp_path / "pickle.pth")
+    cases["pickle.pth"] = "arbitrary unpickling"
+    (tmp_path / "truncated.pth").write_bytes(src.read_bytes()[:1000])
+    cases["truncated.pth"] = "weights_only"
+    for name, needle in cases.items():
+        out = tmp_path / f"run-{name}"
+        code, err, _ = cli("import", tmp_path / name, "--from", "ddae", "--recipe", "cifar10_ddpm_ddpm", "--out", out,
+                           *DDAE_SET)
+        assert code == 2 and len(err) == 1 and needle in err[0], (name, err)
+        assert not out.exists()
+    # the recipe must describe the checkpoint's network: another width names the first mismatching key
+    code, err, _ = cli("import", src, "--from", "ddae", "--recipe", "cifar10_ddpm_ddpm", "--out", tmp_path / "r2")
+    assert code == 2 and len(err) == 1 and "the recipe's model section" in err[0]
+    # a non-empty --out is never touched
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    code, err, _ = cli("import", src, "--from", "ddae", "--recipe", "cifar10_ddpm_ddpm", "--out", busy, *DDAE_SET)
+    assert code == 2 and "not empty" in err[0] and sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    code, err, _ = cli("import", src, "--from", "nope", "--recipe", "cifar10_ddpm_ddpm", "--out", tmp_path / "r3")
+    assert code == 2 and "ddae" in err[0] and "lightningdit" in err[0]
+
+
+def test_sample_probe_fid_on_imported_ddae_run(ddae_edm, tmp_path):
+    from test_data import write_cifar10
+
+    from ddaepp_cli import inception
+
+    run = ddae_edm["run"]
+    code, err, _ = cli("sample", run, "--seeds", "0-1", "--steps", "2", "--out", tmp_path / "s", "--format", "png")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png"))[:2] == ["000000.png", "000001.png"]
+    write_cifar10(tmp_path / "cifar")
+    code, err, out = cli("probe", run, "--dataset", "cifar10", "--data-root", tmp_path / "cifar", "--layers", "out_1",
+                         "--timesteps", "idx:4", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert "out_1" in out
+    weights = tmp_path / "inception.pth"
+    torch.save(inception.random_state_dict(0, active=64), weights)
+    code, err, out = cli("fid", run, "--ref", tmp_path / "s", "--n", "3", "--steps", "2", "--inception-weights", weights,
+                         "--device", "cpu", "--no-cache", "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["fid"] >= 0
+
+
+# ------------------------------------------------------------------------------------------------
+# U-ViT
+# ------------------------------------------------------------------------------------------------
+
+
+def test_uvit_import_time_scale_and_forward(tmp_path):
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.sample import load_model
+
+    ref = randomize(R.UViT(), 3).eval()
+    src = tmp_path / "cifar10_uvit_small.pth"
+    torch.save(ref.state_dict(), src)  # U-ViT train.py: torch.save(nnet_ema.state_dict(), 'nnet_ema.pth')
+    code, err, out = cli("import", src, "--from", "uvit", "--recipe", "cifar10_ddpm_uvit", "--out", tmp_path / "run",
+                         *UVIT_SET, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["recipe_overrides"] == ["model.time_scale=999"] and res["dropped"] == {}
+    gap = float(res["conventions"][1].rsplit(" ", 1)[1])
+    assert 0 < gap < 5e-3  # the discrete table and the VP-SDE agree closely, not exactly
+    recipe, net, _ = load_model(tmp_path / "run")
+    assert recipe.model.time_scale == 999
+    f = build_formulation(recipe)
+    x, k = torch.randn(2, 3, 32, 32), torch.tensor([11, 500])
+    with torch.no_grad():
+        eps = f.predict(net, x, k).eps
+        theirs = ref(x, (k / 1000.0) * 999)  # U-ViT sde.py: nnet(x, t * 999), t = k / T
+    torch.testing.assert_close(eps, theirs, atol=2e-5, rtol=1e-4)
+    # without the conversion (time_scale 1000) the prediction differs: the check can fail
+    net.time_scale = 1000.0
+    with torch.no_grad():
+        assert not torch.allclose(f.predict(net, x, k).eps, theirs, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# LightningDiT
+# ------------------------------------------------------------------------------------------------
+
+
+def test_lightningdit_import_maps_every_key_and_checks_rope(tmp_path):
+    from ddaepp_cli.sample import load_model
+
+    ema = R.lightningdit_state_dict(seed=1)
+    model = {f"module.{k}": v for k, v in R.lightningdit_state_dict(seed=2).items()}
+    src = tmp_path / "0100000.pt"
+    torch.save({"model": model, "ema": ema, "opt": {"state": {}, "param_groups": [{"lr": 2e-4}]},
+                "config": {"model": {"model_type": "LightningDiT-B/1"}}}, src)
+    code, err, out = cli("import", src, "--from", "lightningdit", "--recipe", "imagenet256_rf_ditb_cond",
+                         "--out", tmp_path / "run", *LDIT_SET, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["recipe_overrides"] == ["diffusion.net_convention=sit"]
+    assert res["dropped"] == {"optimizer state": 1, "training metadata": 1,
+                              "ema: RoPE tables (computed by ddaepp; checked equal)": 2,
+                              "raw: RoPE tables (computed by ddaepp; checked equal)": 2}
+    for weights, sd in (("ema", ema), ("raw", {k[7:]: v for k, v in model.items()})):
+        _, net, _ = load_model(tmp_path / "run", weights=weights)
+        own = net.state_dict()
+        assert torch.equal(own["x_embedder.weight"], sd["x_embedder.proj.weight"])
+        assert torch.equal(own["y_embedder.weight"], sd["y_embedder.embedding_table.weight"])
+        assert torch.equal(own["blocks.1.mlp.w3.weight"], sd["blocks.1.mlp.w3.weight"])
+        assert len(own) == len(sd) - 2
+    # the imported network computes what LightningDiT's forward computes on the same weights, and the
+    # formulation hands it LightningDiT's time 1 − t and reads its output as −v
+    from ddaepp_cli.build import build_formulation
+
+    recipe, net, _ = load_model(tmp_path / "run")
+    f = build_formulation(recipe)
+    x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([0.05, 0.5, 0.9]), torch.tensor([1, 7, 3])
+    with torch.no_grad():
+        v_ldit = R.lightningdit_forward(ema, x, 1 - t, y, heads=2)
+        torch.testing.assert_close(net(x, 1 - t, class_labels=y), v_ldit, atol=1e-5, rtol=1e-4)
+        pred = f.predict(net, x, t, class_labels=y)
+    torch.testing.assert_close(pred.x0, x + t.reshape(-1, 1, 1, 1) * v_ldit, atol=1e-5, rtol=1e-4)
+    # RoPE tables of another geometry (here: another head width) are refused, naming the key
+    bad = dict(ema, **{"feat_rope.freqs_cos": R.eva_rope_tables(16, 4)[0].repeat(1, 2)})
+    torch.save(bad, tmp_path / "bad.pt")
+    code, err, _ = cli("import", tmp_path / "bad.pt", "--from", "lightningdit", "--recipe", "imagenet256_rf_ditb_cond",
+                       "--out", tmp_path / "run2", *LDIT_SET)
+    assert code == 2 and len(err) == 1 and "feat_rope.freqs_cos" in err[0]
+
+
+class GaussianOracleLDiT(torch.nn.Module):
+    """LightningDiT's exact velocity for Gaussian data N(0, s²): x = τ·x1 + (1 − τ)·n (τ = 1 is data),
+    E[x1 − n | x] = (τ·s² − (1 − τ)) / (τ²·s² + (1 − τ)²) · x — in LightningDiT's own convention."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s2 = s * s
+
+    def forward(self, x, tau, class_labels=None, aug_label=None):
+        tau = tau.double().reshape(-1, 1, 1, 1)
+        return ((tau * self.s2 - (1 - tau)) / (tau**2 * self.s2 + (1 - tau) ** 2) * x.double()).float()
+
+
+def test_lightningdit_convention_gaussian_oracle():
+    from ddaepp_cli.diffusion import RF
+
+    s = 0.5
+    oracle = GaussianOracleLDiT(s)
+    x, t = torch.randn(3, 4, 4, 4), torch.tensor([0.1, 0.5, 0.9])
+    # ddaepp paper convention, closed form: x_t = (1 − t)·x0 + t·ε → E[x0 | x_t] = (1 − t)s²/var · x_t
+    var = ((1 - t) ** 2 * s * s + t**2).reshape(-1, 1, 1, 1)
+    x0_true = ((1 - t).reshape(-1, 1, 1, 1) * s * s / var) * x
+    eps_true = (t.reshape(-1, 1, 1, 1) / var) * x
+    pred = RF(t_max=1.0, net_convention="sit").predict(oracle, x, t)
+    torch.testing.assert_close(pred.x0, x0_true, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred.eps, eps_true, atol=1e-5, rtol=1e-5)
+    wrong = RF(t_max=1.0).predict(oracle, x, t)  # negative control: no conversion
+    assert not torch.allclose(wrong.x0, x0_true, atol=1e-2)
+    # a full Euler run from noise reaches the data distribution's variance only with the conversion
+    from ddaepp_cli.diffusion import sample
+
+    f = RF(t_max=1.0, net_convention="sit")
+    z = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    out = sample(f, f.denoiser(oracle), z, sampler="euler", steps=50)
+    assert abs(out.float().std().item() - s) < 0.03
+    # training target: the oracle's loss is the Bayes error, lower than with the convention flipped
+    x0 = torch.randn(4000, 1, 1, 1) * s
+    t = torch.rand(4000)
+    noise = torch.randn_like(x0)
+    good = f.loss(oracle, x0, t=t, noise=noise).loss.mean()
+    bad = RF(t_max=1.0).loss(oracle, x0, t=t, noise=noise).loss.mean()
+    assert good < 0.5 * bad
+
+
+# ------------------------------------------------------------------------------------------------
+# SRA / REPA / DiT / SiT: read and unwrapped; the backbone is issue 14's
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,head,reason", [("repa", "projectors.0.0.weight", "REPA alignment projectors"),
+                                                 ("sra", "ap_head.fc1.weight", "SRA self-alignment head")])
+def test_repa_sra_read_heads_dropped_and_backbone_named(tmp_path, family, head, reason):
+    sd = R.sit_state_dict()
+    sd[head] = torch.randn(8, 64)
+    args = argparse.Namespace(model="SiT-B/2", proj_coeff=0.5, encoder_depth=4)
+    src = tmp_path / "0400000.pt"
+    torch.save({"model": sd, "ema": sd, "opt": {"state": {}, "param_groups": []}, "args": args, "steps": 400000}, src)
+    code, err, _ = cli("import", src, "--from", family, "--recipe", "imagenet256_rf_ditb_cond", "--out", tmp_path / "r")
+    assert code == 2 and len(err) == 1
+    assert "issue 14" in err[0] and f"2 dropped: {reason}" in err[0] and f"{len(sd) - 1} network tensors" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# VAEs in diffusers' layout; a latent import that samples through its own statistics and VAE
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diffusers_vae(tmp_path_factory):
+    from test_latents import write_tiny_vae
+
+    from ddaepp_cli.vae import load_vae
+
+    root = tmp_path_factory.mktemp("vae")
+    write_tiny_vae(root / "ldm.safetensors", extra_training_keys=False)
+    ldm = load_vae(root / "ldm.safetensors")
+    ldm.model.save_pretrained(root / "hf")  # diffusers' own layout: config.json + diffusion_pytorch_model.safetensors
+    return root, ldm
+
+
+def test_diffusers_layout_vae_loads_like_the_ldm_file(diffusers_vae, tmp_path):
+    import shutil
+
+    from ddaepp_cli.vae import load_vae
+
+    root, ldm = diffusers_vae
+    alone = tmp_path / "vae.safetensors"  # the weights file without its config.json: architecture from shapes
+    shutil.copy(root / "hf" / "diffusion_pytorch_model.safetensors", alone)
+    z = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    for path in (root / "hf", root / "hf" / "diffusion_pytorch_model.safetensors", alone):
+        vae = load_vae(path)
+        assert vae.config["latent_channels"] == 8 and vae.config["block_out_channels"] == ldm.config["block_out_channels"]
+        torch.testing.assert_close(vae.decode(z), ldm.decode(z))
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(alone))
+    del sd["decoder.up_blocks.0.resnets.0.conv1.bias"]
+    save_file(sd, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(Exception, match="missing.safetensors does not match the autoencoder: keys 1 missing"):
+        load_vae(tmp_path / "missing.safetensors")
+
+
+def test_lightningdit_latent_import_samples_with_its_stats_and_vae(diffusers_vae, tmp_path):
+    root, _ = diffusers_vae
+    src = tmp_path / "lightningdit-b1.pt"
+    torch.save(R.lightningdit_state_dict(in_ch=8, seed=4), src)  # a released file: the EMA state dict alone
+    stats = tmp_path / "latents_stats.pt"
+    torch.save({"mean": torch.randn(1, 8, 1, 1), "std": torch.rand(1, 8, 1, 1) + 0.5}, stats)
+    run = tmp_path / "run"
+    args = ["import", src, "--from", "lightningdit", "--recipe", "imagenet256_rf_ditb_cond", "--out", run,
+            *LDIT_SET, "--set", "data.latent_channels=8"]
+    code, err, _ = cli(*args, "--vae", root / "hf")
+    assert code == 2 and "--latent-stats and --vae go together" in err[0]
+    code, err, out = cli(*args, "--vae", root / "hf", "--latent-stats", stats, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["latents"]["stats_file"] == "latents_stats.pt" and res["latents"]["vae"]["kind"] == "custom"
+    manifest = json.loads((run / "latents" / "manifest.json").read_text())
+    assert manifest["latent_shape"] == [8, 4, 4]
+    code, err, _ = cli("sample", run, "--seeds", "0-1", "--steps", "2", "--class-label", "3", "--out", tmp_path / "s",
+                       "--format", "png")
+    assert code == 0, err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "000001.png").size == (16, 16)  # 4×4 latents through an f4 decoder
+
+
+@pytest.mark.parametrize("family", ["dit", "sit", "sra"])
+def test_released_dit_sit_state_dicts_name_the_missing_backbone(tmp_path, family):
+    sd = R.sit_state_dict()
+    if family == "sra":
+        sd["ap_head.fc2.weight"] = torch.randn(64, 128)
+    src = tmp_path / f"{family}-B-2.pt"
+    torch.save(sd, src)  # released files: the EMA state dict alone
+    code, err, _ = cli("import", src, "--from", family, "--recipe", "imagenet256_rf_ditb_cond", "--out", tmp_path / "r")
+    assert code == 2 and len(err) == 1 and f"--from {family} needs the original DiT/SiT backbone of issue 14" in err[0]
+    assert f"{len(R.sit_state_dict())} network tensors" in err[0]
+    assert ("1 dropped: SRA self-alignment head" in err[0]) == (family == "sra")
+
+
+# ------------------------------------------------------------------------------------------------
+# The real layouts at their published sizes (meta device: shapes and names, no memory)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,recipe,make,params", [
+    ("ddae", "cifar10_ddpm_ddpm", lambda: R.DDAEUNet(128, (1, 2, 2, 2), (False, True, False, False), 2), 35_746_307),
+    ("ddae", "cifar10_edm_ddpmpp", lambda: R.DDAEUNet(128, (2, 2, 2), (False, True, False), 4, biggan=True), 56_524_291),
+    ("uvit", "cifar10_ddpm_uvit", lambda: R.UViT(32, 2, 512, 12, 8), 44_255_328),
+    ("lightningdit", "imagenet256_rf_ditxl_cond", None, 675_256_736),
+])
+def test_published_sizes_map_completely(tmp_path, family, recipe, make, params):
+    from ddaepp_cli.build import build_backbone
+    from ddaepp_cli.cli import _resolve_recipe_path
+    from ddaepp_cli.importers import FAMILIES
+    from ddaepp_cli.importers.common import check_against
+    from ddaepp_cli.recipe import load_recipe, replace
+
+    rec = load_recipe(_resolve_recipe_path(recipe), ["data.root=/nonexistent"])
+    fam = FAMILIES[family]
+    rec = replace(rec, fam.overrides(rec))
+    model = build_backbone(rec, device="meta")
+    if make is None:
+        sd = R.lightningdit_state_dict(width=1152, depth=28, heads=16, in_ch=32, grid=16, num_classes=1000, device="meta")
+    else:
+        with torch.device("meta"):
+            sd = make().state_dict()
+    mapped = fam.convert(sd, model, tmp_path / "file.pt")
+    state = check_against(model, mapped, tmp_path / "file.pt", "EMA weights")
+    assert sum(v.numel() for k, v in state.items() if k in dict(model.named_parameters())) == params
+    assert len(mapped.tensors) + sum(len(v) for v in mapped.dropped.values()) == len(sd)
+
+
+def test_rf_net_convention_is_a_recipe_option():
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.cli import _resolve_recipe_path
+    from ddaepp_cli.errors import UsageError
+    from ddaepp_cli.recipe import load_recipe
+
+    path = _resolve_recipe_path("imagenet256_rf_ditb_cond")
+    assert build_formulation(load_recipe(path)).net_convention == "ddaepp"
+    f = build_formulation(load_recipe(path, ["diffusion.net_convention=sit"]))
+    t = torch.tensor([0.0, 0.25, 1.0])
+    assert f.net_convention == "sit" and torch.equal(f.net_time(t), 1 - t)
+    with pytest.raises(UsageError, match="net_convention"):
+        load_recipe(path, ["diffusion.net_convention=lightning"])
