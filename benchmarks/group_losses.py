@@ -5,7 +5,7 @@
   the diffusion loss), so two ratios: at the same b images (what an epoch costs) and against the
   plain step on 2b images (same diffusion samples: only the MoCo heads and the EMA teacher's partial
   forward remain).
-* SRA (imagenet256_sra_ditb, DiT-B/2) against the same recipe with `sra.enabled=false`: the EMA
+* SRA (imagenet256_sra_lightning_ditb, DiT-B/2) against the same recipe with `sra.enabled=false`: the EMA
   teacher's forward up to its block plus the student head. Target: below +20 %.
 """
 
@@ -51,8 +51,9 @@ def run(ctx) -> list[Row]:
 
     q_sra = _QUICK_SRA if ctx.quick else []
     ctx.log("[c] SRA: building")
-    plain = TrainBench(load("imagenet256_sra_ditb", [*q_sra, "sra.enabled=false"]), device=ctx.device, batch=ctx.batch)
-    sra = TrainBench(load("imagenet256_sra_ditb", q_sra), device=ctx.device, batch=ctx.batch)
+    plain = TrainBench(load("imagenet256_sra_lightning_ditb", [*q_sra, "sra.enabled=false"]), device=ctx.device,
+                       batch=ctx.batch)
+    sra = TrainBench(load("imagenet256_sra_lightning_ditb", q_sra), device=ctx.device, batch=ctx.batch)
     ctx.log("[c] SRA: timing")
     t = time_interleaved({"plain": plain.step_fn(), "sra": sra.step_fn()}, ctx.reps, ctx.warmup,
                          budget_s=ctx.group_budget("c"), min_reps=ctx.min_reps(), device=ctx.device)

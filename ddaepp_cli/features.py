@@ -307,7 +307,7 @@ def held_out_root(train_root: str) -> str:
 def load_latent_split(recipe, *, split: str, root: str | None, held_out: str | None = None):
     """The training latent cache (`root`, default the recipe's data.root) or, for split test, the labelled
     validation cache (`held_out`, default `<train cache>_val`), normalised with the training cache's
-    statistics — the ones the model was trained on."""
+    statistics — the ones the model was trained on (or the recipe's fixed `data.latent_scale`)."""
     from .errors import UnavailableError
     from .latentstore import MANIFEST, LatentDataset
 
@@ -315,14 +315,14 @@ def load_latent_split(recipe, *, split: str, root: str | None, held_out: str | N
     if train_root is None:
         raise UsageError("this latent run's recipe names no data.root; give --data-root <training latent cache>")
     if split == "train":
-        ds = LatentDataset(train_root, split="train")
+        ds = LatentDataset(train_root, split="train", scale=recipe.data.latent_scale)
     else:
         val_root = held_out or held_out_root(train_root)
         if not (Path(val_root) / MANIFEST).is_file():
             raise UnavailableError(f"no validation latent cache at {val_root}; write it with `ddaepp cache-latents "
                                    f"--data <imagenet>/val --labels LOC_val_solution.csv --classes {train_root} "
                                    f"--out {val_root}` (or give --test-root)")
-        ds = LatentDataset(val_root, split="val", stats_root=train_root)
+        ds = LatentDataset(val_root, split="val", stats_root=train_root, scale=recipe.data.latent_scale)
     if not ds.num_classes:
         raise UsageError(f"the latent cache {ds.root} has no labels (made from a flat folder without --labels); "
                          "probing needs class labels")

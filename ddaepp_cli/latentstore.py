@@ -6,7 +6,7 @@ image) and the label; the training loop picks one of the two with a flip bit dra
 generator (train.py), so the choice is reproducible and resumable rather than an RNG call inside the
 dataset. Normalisation: z ← (z − mean) / std (LightningDiT `latent_norm`, multiplier 1), with the
 statistics of the cache itself or, for a held-out cache, of the training cache the model saw
-(`stats_root`).
+(`stats_root`); or z ← z·scale with `data.latent_scale` (DiT/SiT/SRA: 0.18215 for SD-VAE).
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class LatentDataset(torch.utils.data.Dataset):
     in_memory = False
 
     def __init__(self, root: str | os.PathLike | None, image_size: Optional[int] = None, *, split: str = "train",
-                 stats_root: str | os.PathLike | None = None):
+                 stats_root: str | os.PathLike | None = None, scale: Optional[float] = None):
         if root is None:
             raise UsageError("data.root is required for data.dataset=latents (the `cache-latents --out` folder)")
         self.root = Path(root)
@@ -134,9 +134,8 @@ class LatentDataset(torch.utils.data.Dataset):
         self.stats_root = Path(stats_root) if stats_root is not None else self.root
         if stats_root is not None:
             read_manifest(self.stats_root)
-        stats = mmap_safetensors(self.stats_root / STATS)
-        self.mean = torch.from_numpy(np.array(stats["mean"])).reshape(-1, 1, 1)  # (C, 1, 1)
-        self.std = torch.from_numpy(np.array(stats["std"])).reshape(-1, 1, 1)
+        self.mean, self.std = latent_norm(self.stats_root, scale, self.channels)  # (C,) each
+        self.mean, self.std = self.mean.reshape(-1, 1, 1), self.std.reshape(-1, 1, 1)
         self._maps: dict[int, dict[str, np.ndarray]] = {}  # opened lazily, per process (workers)
 
     def __getstate__(self):
@@ -211,11 +210,20 @@ def resolve_vae_path(manifest: dict, vae: str | os.PathLike | None = None) -> Pa
                            f"recipe key data.vae to its path")
 
 
+def latent_norm(root: str | os.PathLike, scale: Optional[float], channels: int) -> tuple[Tensor, Tensor]:
+    """(mean, std) (C,) of model space: the cache's per-channel statistics (LightningDiT), or for a fixed
+    `scale` mean 0 and std 1/scale, i.e. z·scale (DiT/SiT/SRA scale SD-VAE latents by 0.18215)."""
+    if scale is not None:
+        return torch.zeros(channels), torch.full((channels,), 1.0 / scale)  # float32, as the stored statistics
+    stats = mmap_safetensors(Path(root) / STATS)
+    return torch.from_numpy(np.array(stats["mean"])), torch.from_numpy(np.array(stats["std"]))
+
+
 def load_decoder(root: str | os.PathLike | None, device: torch.device | str = "cpu",
-                 vae: str | os.PathLike | None = None):
+                 vae: str | os.PathLike | None = None, scale: Optional[float] = None):
     """latents (B, C, h, w) in model space → images in [−1, 1] through the cache's VAE.
 
-    z·std + mean (the cache's statistics) → VAE decoder → clamp to [−1, 1] (the caller rounds to uint8,
+    z·std + mean (the cache's statistics; z/scale with `data.latent_scale`) → VAE decoder → clamp to [−1, 1] (the caller rounds to uint8,
     as LightningDiT's clamp(127.5·x + 128)). The weights must be the ones the cache was made with
     (sha256 in the manifest); where they are looked for: `resolve_vae_path`."""
     from .vae import load_vae
@@ -226,9 +234,8 @@ def load_decoder(root: str | os.PathLike | None, device: torch.device | str = "c
     ident = manifest.get("vae") or {}
     path = resolve_vae_path(manifest, vae)
     model = load_vae(path, device=device, expected_sha256=ident.get("sha256"))
-    stats = mmap_safetensors(Path(root) / STATS)
-    mean = torch.from_numpy(np.array(stats["mean"])).reshape(1, -1, 1, 1).to(device)
-    std = torch.from_numpy(np.array(stats["std"])).reshape(1, -1, 1, 1).to(device)
+    mean, std = latent_norm(root, scale, manifest["latent_shape"][0])
+    mean, std = (v.float().reshape(1, -1, 1, 1).to(device) for v in (mean, std))
 
     @torch.no_grad()
     def decode(z: Tensor) -> Tensor:

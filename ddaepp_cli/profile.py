@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .console import info
 from .errors import UsageError
-from .recipe import DiTConfig, Recipe, UNetConfig, replace
+from .recipe import DIT_CONFIGS, Recipe, UNetConfig, replace
 
 BASELINE = "baseline"
 
@@ -29,8 +29,8 @@ def candidate_layers(recipe: Recipe, spec: str) -> list[str]:
     from .build import build_backbone
     from .nets.taps import expand_layer_spec
 
-    if not isinstance(recipe.model, (UNetConfig, DiTConfig)):
-        raise UsageError(f"profile-layers needs a backbone with a self-conditioning layer (ddpm, ddpmpp, dit); "
+    if not isinstance(recipe.model, (UNetConfig, *DIT_CONFIGS)):
+        raise UsageError(f"profile-layers needs a backbone with a self-conditioning layer (ddpm, ddpmpp, dit, dit_orig); "
                          f"{recipe.name} uses {recipe.model.backbone}")
     base = replace(recipe, ["model.selfcond.layer=null"])
     names = build_backbone(base, device="meta").layer_names

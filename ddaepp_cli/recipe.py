@@ -43,6 +43,9 @@ class DataConfig:
     # latents only, when no manifest is at hand (`--dry-run` offline): 32×16×16 VA-VAE f16d32 latents of
     # ImageNet-1k's 1,281,167 training images (DDAE++ §5.2); SD-VAE latents are 4×32×32.
     latent_channels: int = 32
+    # latents only: None = normalise each channel by the cache's mean/std (LightningDiT); a number = multiply
+    # by it with no shift (DiT/SiT/SRA scale SD-VAE latents by 0.18215: `latents_scale`, bias 0).
+    latent_scale: Optional[float] = None
     # latents only: the VAE weights file used to decode samples (`ddaepp sample`). None: the file recorded
     # in the cache's manifest if it still exists, else $DDAEPP_CACHE/weights/<its file name> (latents.py).
     vae: Optional[str] = None
@@ -135,7 +138,35 @@ class DiTConfig:
         return 0
 
 
-MODEL_SCHEMAS: dict[str, type] = {"ddpm": UNetConfig, "ddpmpp": UNetPPConfig, "uvit": UViTConfig, "dit": DiTConfig}
+@dataclass(frozen=True)
+class DiTOrigConfig:
+    """The original DiT / SiT network (nets/dit_orig.py; DiT:models.py, SiT:models.py) as the SRA paper trains
+    it: timm PatchEmbed/Attention/Mlp (tanh-GELU), affine-free LayerNorm + adaLN-Zero, frozen 2-D sin-cos
+    positions. Sizes S 384×12 (6 heads), B 768×12 (12), L 1024×24 (16), XL 1152×28 (16); patch 2/4/8."""
+
+    backbone: Literal["dit_orig"] = "dit_orig"
+    size: Literal["S", "B", "L", "XL"] = "B"
+    patch_size: int = 2  # DiT/SiT-*/2 on 32×32 SD-VAE latents (256 tokens)
+    width: Optional[int] = None  # None: the size preset's
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False  # SRA code `--qk-norm` default off
+    # DiT's learned Σ (improved DDPM): 2C output channels, ε and the log-variance interpolation v; the
+    # loss adds the VLB term (diffusion/learned_var.py). DDPM only; SiT trains without it.
+    learn_sigma: bool = False
+    num_classes: int = 0  # 1000: ImageNet class-conditional (+1 null row for CFG)
+    label_dropout: float = 0.1  # CFG label dropout (DiT `class_dropout_prob`); conditional only
+    selfcond: SelfCondConfig = field(default_factory=SelfCondConfig)
+
+    @property
+    def augment_dim(self) -> int:
+        return 0
+
+
+MODEL_SCHEMAS: dict[str, type] = {"ddpm": UNetConfig, "ddpmpp": UNetPPConfig, "uvit": UViTConfig, "dit": DiTConfig,
+                                  "dit_orig": DiTOrigConfig}
+DIT_CONFIGS = (DiTConfig, DiTOrigConfig)  # transformer backbones with block taps and class labels
 
 
 @dataclass(frozen=True)
@@ -149,6 +180,9 @@ class DDPMConfig:
     # DDAE's DDIM sampler uses its own 1001-point β table without the leading zero
     # (architecture.md §5.1); true reproduces that quirk, false samples on the training schedule.
     ddae_ddim_quirk: bool = False
+    # Step subset of samplers with fewer than T steps: ddae 1 + ⌊kT/steps⌋ (DDAE); iddpm = improved-DDPM /
+    # DiT `space_timesteps` (both ends kept), what DiT and DiT-SRA sample 250 steps with.
+    respacing: Literal["ddae", "iddpm"] = "ddae"
 
 
 @dataclass(frozen=True)
@@ -327,7 +361,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 class Recipe:
     name: str = "unnamed"
     data: DataConfig = field(default_factory=DataConfig)
-    model: Union[UNetConfig, UViTConfig, DiTConfig] = field(default_factory=UNetConfig)
+    model: Union[UNetConfig, UViTConfig, DiTConfig, DiTOrigConfig] = field(default_factory=UNetConfig)
     diffusion: Union[DDPMConfig, EDMConfig, RFConfig] = field(default_factory=DDPMConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
@@ -377,19 +411,25 @@ class Recipe:
             raise UsageError(f"sample.cfg_scale must be >= 0 and sample.cfg_interval [lo, hi] within [0, 1], "
                              f"got {s.cfg_scale}, {list(s.cfg_interval)}")
         if s.cfg_scale != 1.0 and getattr(m, "num_classes", 0) == 0:
-            raise UsageError("sample.cfg_scale != 1 needs a class-conditional model (model.backbone: dit, "
-                             "model.num_classes > 0)")
-        if isinstance(m, DiTConfig) and not 0.0 <= m.label_dropout < 1.0:
+            raise UsageError("sample.cfg_scale != 1 needs a class-conditional model (model.backbone: dit or "
+                             "dit_orig, model.num_classes > 0)")
+        if isinstance(m, DIT_CONFIGS) and not 0.0 <= m.label_dropout < 1.0:
             raise UsageError(f"model.label_dropout must be in [0, 1), got {m.label_dropout}")
         if self.data.latent_channels <= 0:
             raise UsageError(f"data.latent_channels must be positive, got {self.data.latent_channels}")
+        if self.data.latent_scale is not None and not self.data.latent_scale > 0:
+            raise UsageError(f"data.latent_scale must be positive (or null: the cache's statistics), "
+                             f"got {self.data.latent_scale}")
         d = self.diffusion
+        if getattr(m, "learn_sigma", False) and d.formulation != "ddpm":
+            raise UsageError(f"model.learn_sigma (improved-DDPM learned variance) needs diffusion.formulation: ddpm, "
+                             f"got {d.formulation}")
         if isinstance(d, RFConfig) and (d.shift <= 0 or (d.t_max is not None and not 0.0 < d.t_max <= 1.0)):
             raise UsageError(f"diffusion.shift must be > 0 and diffusion.t_max in (0, 1], got {d.shift}, {d.t_max}")
         if not r.enabled:
             return
-        if not isinstance(m, DiTConfig):
-            raise UsageError(f"sra.enabled needs model.backbone: dit (block taps), got {m.backbone}")
+        if not isinstance(m, DIT_CONFIGS):
+            raise UsageError(f"sra.enabled needs model.backbone: dit or dit_orig (block taps), got {m.backbone}")
         if d.formulation not in ("rf", "ddpm"):
             raise UsageError(f"sra.enabled needs diffusion.formulation rf (SiT) or ddpm (DiT), got {d.formulation}")
         if r.weight < 0 or r.beta <= 0 or not 0.0 <= r.interval <= 1.0 or r.decay_period_epochs <= 0:

@@ -114,7 +114,7 @@ def sampling_options(recipe: Recipe, model: torch.nn.Module, seeds: Sequence[int
     if recipe.data.dataset == "latents":
         from .latents import load_decoder
 
-        decode = load_decoder(recipe.data.root, device=device, vae=recipe.data.vae)
+        decode = load_decoder(recipe.data.root, device=device, vae=recipe.data.vae, scale=recipe.data.latent_scale)
     return dict(class_labels=class_labels_for(seeds, num_classes, class_label), cfg_scale=scale,
                 cfg_interval=tuple(s.cfg_interval if cfg_interval is None else cfg_interval),
                 cfg_channels=s.cfg_channels, decode=decode)

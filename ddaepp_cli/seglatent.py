@@ -80,7 +80,7 @@ def latent_split(recipe, dataset: str, split: str, data_root, *, label_size: int
                           labels_source={"layout": f"{dataset} {split} images (labels: the segmentation maps)"})
     if summary["encoded_shards"]:
         info(f"segprobe: encoded {dataset} {split} with the run's VAE into {out}")
-    latents = LatentDataset(out, split=split, stats_root=train_root)
+    latents = LatentDataset(out, split=split, stats_root=train_root, scale=recipe.data.latent_scale)
     if latents.channels != manifest["latent_shape"][0]:
         raise UsageError(f"{out} holds {latents.channels}-channel latents, the run's cache {manifest['latent_shape'][0]}")
     return LatentSegmentationSet(latents, seg), seg

@@ -27,7 +27,7 @@ def shrink(path: Path) -> list[str]:
     sets = list(COMMON)
     if rec.model.backbone == "uvit":  # in_1, in_2, mid, out_1, out_2: the recipes' out_2 taps exist
         sets += ["model.width=32", "model.depth=4", "model.heads=2"]
-    elif rec.model.backbone == "dit":  # blocks 1..4 on 1×8×8 digits; classes stay (digits labels < 1000)
+    elif rec.model.backbone in ("dit", "dit_orig"):  # blocks 1..4 on 1×8×8 digits; classes stay (labels < 1000)
         sets += ["model.width=32", "model.depth=4", "model.heads=2", "sample.steps=2"]
         if rec.model.selfcond.layer:
             sets.append("model.selfcond.layer=2")
@@ -62,7 +62,9 @@ def test_there_is_a_recipe_for_every_paper_row():
     for stem, epochs in (("ditb_cond", 100), ("ditl_cond", 100), ("ditxl_cond", 40)):
         for name in (f"imagenet256_rf_{stem}", f"imagenet256_rf_{stem}_sc"):
             assert load_recipe(RECIPES[0].parent / f"{name}.yaml").train.epochs == epochs
-    assert {f"imagenet256_sra_{a}{s}" for a in ("sit", "dit") for s in ("b", "l", "xl")} <= names
+    for arch in ("sit", "dit"):  # SRA paper rows: the original networks, and the LightningDiT-block variants
+        assert {f"imagenet256_sra_{arch}{s}" for s in ("b", "l", "xl")} <= names
+        assert {f"imagenet256_sra_lightning_{arch}{s}" for s in ("b", "l", "xl")} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

@@ -116,7 +116,8 @@ def test_compile_covers_the_student_taps_and_the_teacher(raw):
 
 
 class GaussianOracle(torch.nn.Module):
-    """The exact ε-prediction network of N(0, I) data under DDPM: ε̂ = √(1 − ᾱ_t)·x_t (net time t/T)."""
+    """The exact ε-prediction network of N(0, I) data under DDPM: ε̂ = √(1 − ᾱ_t)·x_t, whichever time input
+    (t/T, or DiT's step index t − 1); with a learned variance also v = 1 (σ² = β, exact for N(0, I) data)."""
 
     num_classes = 0
 
@@ -125,11 +126,12 @@ class GaussianOracle(torch.nn.Module):
         self.f = formulation
 
     def forward(self, x, t_net, **cond):
-        t = (t_net.double() * self.f.T).round()
-        return (self.f.sigma(t).reshape(-1, 1, 1, 1) * x).to(x.dtype)
+        t = (t_net.double() + 1) if self.f.time_input == "index" else (t_net.double() * self.f.T).round()
+        eps = (self.f.sigma(t).reshape(-1, 1, 1, 1) * x).to(x.dtype)
+        return torch.cat((eps, torch.ones_like(eps)), 1) if self.f.learn_sigma else eps
 
 
-@pytest.mark.parametrize("name", ["imagenet256_sra_ditb.yaml"])
+@pytest.mark.parametrize("name", ["imagenet256_sra_ditb.yaml", "imagenet256_sra_lightning_ditb.yaml"])
 def test_latent_recipes_sample_unclipped_gaussian_oracle(name):
     """Before: the latent DDPM recipes inherited clip_x0 = True; with the exact denoiser of unit-variance
     data, 250 ancestral steps gave samples of std 0.68 instead of 1."""

@@ -23,6 +23,9 @@ class Prediction:
 
     x0: Tensor  # x̂0, the denoised estimate (clipped to [-1, 1] when asked)
     eps: Tensor  # ε̂, consistent with x0
+    # Learned variance (improved DDPM / DiT, learned_var.py): frac = (v + 1)/2 of the network's variance
+    # channels; the ancestral sampler sets log σ² = frac·log β + (1 − frac)·log β̃ of its step. None: fixed.
+    var_frac: Tensor | None = None
 
 
 @dataclass
@@ -145,7 +148,7 @@ class Formulation:
         a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
         # at σ = 0 (RF's last ODE evaluation) x_t is x0 and ε̂ cannot be recomputed: keep it
         eps = torch.where(s > 0, (x_t - a * x0) / torch.where(s > 0, s, torch.ones_like(s)), pred.eps)
-        return Prediction(x0=x0, eps=eps)
+        return Prediction(x0=x0, eps=eps, var_frac=pred.var_frac)
 
     def denoiser(self, net, *, clip: bool = False, **cond) -> Denoiser:
         """The closure samplers take: (x_t, t) -> Prediction, with conditioning bound."""

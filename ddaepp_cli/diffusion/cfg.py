@@ -8,7 +8,8 @@ output (velocity for RF), then the formulation turns it into (x̂0, ε̂) — fo
 the map is affine in the output, so this equals guiding x̂0 and ε̂. DDAE++ guides all latent channels
 (w 2.0 for DiT-B, 1.4 for DiT-L, interval [0, 0.89] = LightningDiT's `cfg_interval_start` 0.11 in its
 mirrored time). `channels="first3"` reproduces DiT/LightningDiT's `forward_with_cfg`, which guides
-channels [:3] only and passes the conditional output for the rest.
+channels [:3] only and passes the conditional output for the rest. With a learned variance (2C outputs)
+"all" guides the C ε channels and keeps the conditional variance channels.
 
 Cost: outside the interval only the conditional branch runs (one forward of B); inside, one forward of
 the stacked batch [x; x] with labels [y; null] (2B), as the reference code does.
@@ -28,7 +29,7 @@ CFG_CHANNELS = ("all", "first3")
 def guided_denoiser(formulation: Formulation, net, class_labels: Tensor, *, null_label: int, scale: float,
                     interval: tuple[float, float] = (0.0, 1.0), channels: str = "all",
                     clip: bool = False) -> Denoiser:
-    """(x_t, t) → Prediction with CFG of scale `scale` for paper times in `interval` (inclusive)."""
+    """(x_t, t) → Prediction with CFG of scale `scale` for paper times in `interval` (inclusive; DDPM: t/T)."""
     if channels not in CFG_CHANNELS:
         raise UsageError(f"unknown CFG channel mode {channels!r}; valid: all, first3")
     lo, hi = float(interval[0]), float(interval[1])
@@ -38,7 +39,8 @@ def guided_denoiser(formulation: Formulation, net, class_labels: Tensor, *, null
     def denoise(x_t: Tensor, t: Tensor) -> Prediction:
         t = formulation._time(t, x_t)
         y = class_labels.to(x_t.device)
-        inside = (t >= lo) & (t <= hi)  # (B,) paper time
+        unit = t / formulation.T if formulation.name == "ddpm" else t  # DDPM steps 1..T → (0, 1]
+        inside = (unit >= lo) & (unit <= hi)  # (B,) paper time as a fraction of the schedule
         if scale == 1.0 or not bool(inside.any()):  # conditional branch only
             out, _ = formulation._forward(net, x_t, t, (), None, y)
         else:
@@ -49,6 +51,9 @@ def guided_denoiser(formulation: Formulation, net, class_labels: Tensor, *, null
             guided = uncond + scale * (cond - uncond)
             if channels == "first3":  # DiT's `eps, rest = model_out[:, :3], model_out[:, 3:]`
                 guided = torch.cat((guided[:, :3], cond[:, 3:]), dim=1)
+            elif guided.shape[1] > x_t.shape[1]:  # learned variance: guide ε̂ only, v from the conditional
+                c = x_t.shape[1]  # (DiT's "standard approach", `model_out[:, :self.in_channels]`)
+                guided = torch.cat((guided[:, :c], cond[:, c:]), dim=1)
             out = torch.where(inside.reshape(-1, *([1] * (x_t.ndim - 1))), guided, cond)
         pred = formulation._prediction(out.to(x_t.dtype), x_t, t)
         return formulation.clip_prediction(pred, x_t, t) if clip else pred

@@ -1,7 +1,17 @@
 """DDPM (Ho et al., 2020; DDAE++ App. A): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, integer t ∈ 1..T, ε-prediction.
 
-Schedule and sampling grid as in ddae:model/DDPM.py (architecture.md §5.1): T = 1000, linear β from
-1e-4 to 0.02 with a leading β_0 = 0 so that t indexes 1..T and ᾱ_0 = 1; the network embeds t/T.
+Schedule and sampling grid as in ddae:model/DDPM.py: T = 1000, linear β from 1e-4 to 0.02 with a leading
+β_0 = 0 so that t indexes 1..T and ᾱ_0 = 1.
+
+What the network embeds (`time_input`): "fraction" t/T, as DDAE feeds its UNets (ddae:model/DDPM.py), or
+"index" t − 1 ∈ {0..T−1}, the integer step DiT feeds its sinusoid (DiT:diffusion/gaussian_diffusion.py,
+and SRA's DiT-SRA). The recipe builder picks it from the backbone (build.py).
+
+`learn_sigma`: the network also predicts the reverse-step variance (improved DDPM; learned_var.py); the
+loss becomes L_simple + L_vlb and the ancestral sampler uses the learned variance.
+
+`respacing` chooses the step subset of a sampler with fewer than T steps: "ddae" 1 + ⌊kT/steps⌋ (DDAE),
+"iddpm" improved-DDPM/DiT `space_timesteps` (both ends kept; 250 steps: 1000, 996, …, 1).
 """
 
 from __future__ import annotations
@@ -9,8 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
+from ..errors import UsageError, choices
 from .base import Formulation, Prediction, expand_like
+from .learned_var import VLBTables, space_timesteps, vlb_bits
+
+TIME_INPUTS = ("fraction", "index")
+RESPACINGS = ("ddae", "iddpm")
 
 
 def alphas_cumprod(betas: Tensor) -> Tensor:
@@ -42,7 +56,15 @@ class DDPM(Formulation):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         ddae_ddim_quirk: bool = False,
+        time_input: str = "fraction",
+        learn_sigma: bool = False,
+        respacing: str = "ddae",
     ):
+        if time_input not in TIME_INPUTS:
+            raise UsageError(f"unknown ddpm time_input {time_input!r}; valid: {choices(TIME_INPUTS)}")
+        if respacing not in RESPACINGS:
+            raise UsageError(f"unknown ddpm respacing {respacing!r}; valid: {choices(RESPACINGS)}")
+        self.time_input, self.learn_sigma, self.respacing = time_input, bool(learn_sigma), respacing
         self.T = int(T)
         self.ddae_ddim_quirk = bool(ddae_ddim_quirk)
         betas = torch.linspace(beta_start, beta_end, self.T, dtype=torch.float64)
@@ -53,6 +75,7 @@ class DDPM(Formulation):
             self._abar_sample = alphas_cumprod(quirk_betas)
         else:
             self._abar_sample = self._abar_train
+        self._vlb = VLBTables(self._abar_train) if self.learn_sigma else None
 
     # ------------------------------------------------------------------ the forward process
 
@@ -76,16 +99,32 @@ class DDPM(Formulation):
         return torch.randint(1, self.T + 1, (n,), device=device, generator=generator)  # t ~ U{1..T}
 
     def net_time(self, t: Tensor) -> Tensor:
+        if self.time_input == "index":  # DiT: the integer step 0..T−1 (our t = 1..T)
+            return t.to(torch.float32) - 1.0
         return t.to(torch.float32) / self.T  # ddae:model/DDPM.py calls the net with t / n_T
 
     # ------------------------------------------------------------------ training and inference
 
+    def _split(self, out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(ε̂, v): the variance channels only with `learn_sigma` (2C outputs)."""
+        c = x_t.shape[1]
+        if out.shape[1] != (2 * c if self.learn_sigma else c):
+            raise ValueError(f"ddpm (learn_sigma={self.learn_sigma}) expects {2 * c if self.learn_sigma else c} "
+                             f"output channels, the network gave {out.shape[1]}")
+        return (out[:, :c], out[:, c:]) if self.learn_sigma else (out, None)
+
     def _loss_elements(self, out, x0, x_t, noise, t):
-        return (out - noise) ** 2  # ‖ε_θ(x_t, t) − ε‖², unweighted (DDAE++ App. A)
+        eps, v = self._split(out, x_t)
+        mse = (eps - noise) ** 2  # ‖ε_θ(x_t, t) − ε‖², unweighted (DDAE++ App. A; DiT `terms["mse"]`)
+        if v is None:
+            return mse
+        # DiT: loss = mse + vb, the VLB with the mean frozen (learned_var.py); both averaged over elements
+        return mse + vlb_bits(self._vlb, eps.detach(), v, x0, x_t, t).to(mse.dtype)
 
     def _prediction(self, out: Tensor, x_t: Tensor, t: Tensor) -> Prediction:
+        eps, v = self._split(out, x_t)
         a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
-        return Prediction(x0=(x_t - s * out) / a, eps=out)
+        return Prediction(x0=(x_t - s * eps) / a, eps=eps, var_frac=None if v is None else (v + 1.0) / 2.0)
 
     def prior_scale(self) -> float:
         return 1.0
@@ -95,6 +134,9 @@ class DDPM(Formulation):
     def _grid(self, sampler: str, steps: int | None, shift: float | None) -> Tensor:
         if steps > self.T:
             raise UsageError(f"{sampler} on ddpm takes at most {self.T} steps, got {steps}")
+        if self.respacing == "iddpm":  # DiT `space_timesteps`: indices 0..T−1 = our t − 1
+            times = 1 + torch.tensor(space_timesteps(self.T, steps), dtype=torch.int64)
+            return torch.cat([times.flip(0), torch.zeros(1, dtype=torch.int64)]).to(torch.float64)
         # DDAE: arange(0, T, T // steps) + 1 visited in reverse, then 0 — 100 steps: 991, 981, …, 1, 0.
         # Written as 1 + ⌊kT/steps⌋ so a step count that does not divide T still gives `steps` steps.
         times = 1 + (torch.arange(steps, dtype=torch.int64) * self.T) // steps

@@ -19,6 +19,9 @@ from .base import Formulation, Prediction, expand_like
 # RF:ImageGeneration/losses.py and sampling.py keep t_RF ∈ [1e-3, 1] (eps = 1e-3): in paper time the
 # network trains on t ∈ [0, 1 − 1e-3] and RK45/Euler start at t = 1 − 1e-3 from pure noise.
 PIXEL_T_MAX = 1.0 - 1e-3
+# SiT `sample_sde(last_step="Mean", last_step_size=0.04)`: Euler–Maruyama from t = 1 to 0.04 (SiT time
+# 0 → 0.96 in `num_steps` points), then one deterministic drift step to data.
+SDE_LAST_STEP = 0.04
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -47,8 +50,9 @@ class RF(Formulation):
     name = "rf"
     # rk45 first: DDAE++ Tab. 7 samples pixel RF with adaptive RK45 (140–160 NFE).
     # "euler" and "ddim" are the same step, x' = (1 − t')·x̂0 + t'·ε̂ = x + (t' − t)·v.
-    samplers = ("rk45", "euler", "ddim", "heun")
-    default_steps = {"rk45": None, "euler": 100, "ddim": 100, "heun": 18}
+    # "sde": SiT's Euler–Maruyama sampler, 250 steps (SiT `sample_sde`; the SRA paper's SiT sampler).
+    samplers = ("rk45", "euler", "ddim", "heun", "sde")
+    default_steps = {"rk45": None, "euler": 100, "ddim": 100, "heun": 18, "sde": 250}
     clip_x0 = False  # the official RF samplers never clip; clipping also makes RK45's right-hand side kinked
     _takes_shift = True
 
@@ -123,6 +127,11 @@ class RF(Formulation):
         shift = self.shift if shift is None else float(shift)
         if not shift > 0:
             raise UsageError(f"timestep shift must be positive, got {shift}")
+        if sampler == "sde":  # SiT: `steps` points from 1 down to the last-step size 0.04, then 0
+            if self.t_max <= SDE_LAST_STEP:
+                raise UsageError(f"sde needs t_max > {SDE_LAST_STEP}, got {self.t_max}")
+            grid = torch.linspace(1.0, SDE_LAST_STEP, steps, dtype=torch.float64)
+            return torch.cat([self.t_max * shift_time(grid, shift), torch.zeros(1, dtype=torch.float64)])
         uniform = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         return self.t_max * shift_time(uniform, shift)
 

@@ -1,4 +1,5 @@
-"""Samplers as pure functions of a denoiser (x_t, t) -> Prediction: DDIM/Euler, DDPM ancestral, Heun, RK45.
+"""Samplers as pure functions of a denoiser (x_t, t) -> Prediction: DDIM/Euler, DDPM ancestral (fixed or
+learned variance), Heun, RK45 and SiT's Euler–Maruyama SDE sampler.
 
 Each sampler walks `formulation.time_grid(...)` (paper time, descending to data) and knows nothing
 about networks: it sees the formulation's α(t), σ(t), their derivatives and the denoiser's (x̂0, ε̂).
@@ -7,6 +8,7 @@ Per-sample seeds make stochastic samplers independent of batch size and process 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from ..seeding import per_sample_randn
 from .base import Denoiser, Formulation, Prediction
+from .learned_var import interpolated_log_variance
 
 # RF:ImageGeneration/sampling.py `rk45_sampler` (sde.ode_tol = 1e-5 in the RF configs)
 RK45_RTOL = 1e-5
@@ -46,16 +49,19 @@ def ddim(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *
 def ddpm_ancestral(
     formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *, seeds: Sequence[int] | None = None
 ) -> tuple[Tensor, int]:
-    """Ancestral DDPM sampling (Ho et al., 2020, Alg. 2) with σ_t² = β_t as in ddae:model/DDPM.py.
+    """Ancestral DDPM sampling (Ho et al., 2020, Alg. 2) with σ_t² = β_t as in ddae:model/DDPM.py, or the
+    learned variance when the prediction carries one (improved DDPM / DiT `p_sample`, learned_var.py).
 
-    x_{t'} = (x_t − β/σ_t·ε̂)/√(1 − β) + √β·z with 1 − β = ᾱ_t/ᾱ_{t'}: one DDPM step on the full
-    1000-step grid (a coarser grid takes the same form with β spanning the skipped steps). The noise z
-    of step t comes from `per_sample_randn(seeds, stream=t)` when seeds are given, else from the
-    global torch RNG (then results depend on the batch).
+    x_{t'} = (x_t − β/σ_t·ε̂)/√(1 − β) + σ·z with 1 − β = ᾱ_t/ᾱ_{t'} — the posterior mean μ̃(x̂0, x_t) of
+    one step of the respaced process (a coarser grid takes the same form with β spanning the skipped
+    steps, improved DDPM's respacing). σ² = β (fixed), or exp(frac·log β + (1 − frac)·log β̃) with
+    β̃ = β(1 − ᾱ_{t'})/(1 − ᾱ_t) (learned). No noise on the step to t = 0. The noise z of step t comes from
+    `per_sample_randn(seeds, stream=t)` when seeds are given, else from the global torch RNG.
     """
     for t_cur, t_next in _steps(grid):
         pred = denoise(x, _full(t_cur, x))
-        keep = float(formulation.alpha(t_cur) ** 2 / formulation.alpha(t_next) ** 2)  # ᾱ_t / ᾱ_{t'}
+        abar_cur, abar_next = float(formulation.alpha(t_cur) ** 2), float(formulation.alpha(t_next) ** 2)
+        keep = abar_cur / abar_next  # ᾱ_t / ᾱ_{t'}
         beta = 1.0 - keep
         x = (x - beta / float(formulation.sigma(t_cur)) * pred.eps) / keep**0.5  # Alg. 2, line 4
         if t_next > 0:
@@ -63,8 +69,46 @@ def ddpm_ancestral(
                 z = torch.randn_like(x)
             else:
                 z = per_sample_randn(seeds, x.shape[1:], device=x.device, dtype=x.dtype, stream=int(round(t_cur)))
-            x = x + beta**0.5 * z
+            if pred.var_frac is None:
+                std = beta**0.5
+            else:
+                beta_tilde = beta * (1.0 - abar_next) / (1.0 - abar_cur)
+                log_var = interpolated_log_variance(pred.var_frac.to(x.dtype), math.log(beta), math.log(beta_tilde))
+                std = torch.exp(0.5 * log_var)
+            x = x + std * z
     return x, len(grid) - 1
+
+
+def sde_diffusion(formulation: Formulation, t: float) -> float:
+    """SiT's diffusion coefficient w(t) = σ(t) (`diffusion_form="sigma"`, the default of SiT's sampling
+    scripts, `train_utils.py parse_sde_args`; SRA/REPA's `compute_diffusion` = 2t is g² = 2w for RF)."""
+    return float(formulation.sigma(t))
+
+
+def euler_maruyama(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *,
+                   seeds: Sequence[int] | None = None) -> tuple[Tensor, int]:
+    """SiT's SDE sampler (Ma et al., 2024; `SiT:transport/integrators.py sde`, `transport.py
+    sample_sde`): Euler–Maruyama on the reverse SDE in paper time (dt < 0)
+
+        dx = [u(x, t) − w(t)·∇log p_t(x)] dt + √(2w(t)) dW̄,   u = α'·x̂0 + σ'·ε̂,  ∇log p_t = −ε̂/σ(t)
+
+    with w = σ (`sde_diffusion`). Every step but the last adds noise; the last (0.04 → 0 on the default
+    grid) is SiT's deterministic `last_step="Mean"`: x + dt·drift. N grid steps cost N network calls.
+    The step-k noise comes from `per_sample_randn(seeds, stream=k + 1)` when seeds are given.
+    """
+    steps = _steps(grid)
+    for k, (t_cur, t_next) in enumerate(steps):
+        pred = denoise(x, _full(t_cur, x))
+        w, dt = sde_diffusion(formulation, t_cur), t_next - t_cur
+        score = -pred.eps / float(formulation.sigma(t_cur))
+        x = x + dt * (formulation.drift(pred, t_cur) - w * score)
+        if k < len(steps) - 1:
+            if seeds is None:
+                z = torch.randn_like(x)
+            else:
+                z = per_sample_randn(seeds, x.shape[1:], device=x.device, dtype=x.dtype, stream=k + 1)
+            x = x + math.sqrt(2.0 * w * abs(dt)) * z
+    return x, len(steps)
 
 
 def heun(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *, seeds=None) -> tuple[Tensor, int]:
@@ -125,6 +169,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": ddpm_ancestral,
     "heun": heun,
     "rk45": rk45,
+    "sde": euler_maruyama,
 }
 
 

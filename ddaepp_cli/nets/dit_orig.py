@@ -1,0 +1,215 @@
+"""The original DiT / SiT network (Peebles & Xie, 2023, `facebookresearch/DiT:models.py`; Ma et al., 2024,
+`willisma/SiT:models.py`), as the SRA paper trains it (`vvvvvjdy/SRA:DiT-SRA/models/dit.py`,
+`SiT-SRA/models/sit.py`), with the feature-tap API and optional DDAE++ self-conditioning.
+
+Layout (DiT and SiT share it; SiT differs only in the objective and in `learn_sigma` off):
+  x → timm `PatchEmbed` (Conv p×p, bias) + frozen 2-D sin-cos positions (a non-trainable parameter, so
+  it is counted and saved as in DiT) → N blocks → final layer → unpatchify.
+  c = t_emb(t) + y_emb(y): t_emb = Linear(256→D) → SiLU → Linear(D→D) over DiT's 256-d sinusoid;
+  y_emb = a (num_classes + 1)-row table, the last row the null class for CFG.
+  Block (adaLN-Zero): SiLU → Linear(D→6D) gives shift/scale/gate; x += gate·Attn(modulate(LN(x)));
+  x += gate·Mlp(modulate(LN(x))). LN = LayerNorm without affine parameters (eps 1e-6); Attn = timm
+  `Attention` (qkv bias, fused SDPA); Mlp = timm `Mlp` (D→4D→D, tanh-GELU).
+  Final layer: LN → adaLN (shift, scale) → Linear(D → p²·C_out), zero-initialised; C_out = 2C with
+  `learn_sigma` (ε and the variance interpolation v of improved DDPM), else C.
+
+Parameter counts (1000 classes, 4×32×32 SD-VAE latents, frozen positions included; pinned by tests):
+DiT-XL/2 with learned Σ 675,129,632, DiT-B/2 with learned Σ 130,512,416, SiT-XL/2 without 675,111,184.
+
+Time input: whatever the formulation's `net_time` hands over, embedded as is — DDPM gives DiT its
+integer step 0…999 and rectified flow gives SiT (as SRA/REPA train it) the raw t ∈ [0, 1]
+(diffusion/ddpm.py, diffusion/rf.py).
+
+Labels: `class_labels=None` means the null class (row `num_classes`) for a conditional model and row 0
+of a one-row table for an unconditional one (`num_classes=0`). Label dropout for CFG is applied by the
+training objective (losses/__init__.py), not here.
+
+Taps: `"1"`…`"depth"` = the output tokens of that block, (B, N, D), 1-indexed as SRA's `block_out_*`.
+Self-conditioning (DDAE++ §4.1) works as in nets/dit.py: after block ℓ the pooled tokens, scaled by s(t),
+are added to c for the later blocks and the final layer (P zero-initialised).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from torch import nn
+
+from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.nets.dit import FREQ_DIM, modulate, sincos_pos_embed_2d, timestep_sinusoid
+from ddaepp_cli.nets.selfcond import SelfCond
+from ddaepp_cli.nets.taps import TapModule
+
+# DiT:models.py `DiT_{S,B,L,XL}_{2,4,8}` (SiT:models.py uses the same table)
+DIT_ORIG_PRESETS: dict[str, dict] = {
+    "S": dict(width=384, depth=12, heads=6),
+    "B": dict(width=768, depth=12, heads=12),
+    "L": dict(width=1024, depth=24, heads=16),
+    "XL": dict(width=1152, depth=28, heads=16),
+}
+PATCH_SIZES = (2, 4, 8)  # the DiT/SiT model zoo
+
+
+class DiTBlock(nn.Module):
+    """DiT:models.py `DiTBlock` with timm's Attention and Mlp."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads=heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        tanh_gelu = functools.partial(nn.GELU, approximate="tanh")
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=tanh_gelu, drop=0)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each (B, D)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))  # (B, N, D)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C_out)
+
+
+class DiTOrig(TapModule):
+    """The original DiT/SiT noise or velocity predictor with the tap API; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 4,
+        image_size: int = 32,
+        patch_size: int = 2,
+        width: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        learn_sigma: bool = False,
+        num_classes: int = 0,
+        selfcond_layer: str | None = None,
+        selfcond_mode: str = "adaptive",
+        name: str = "dit_orig",
+    ):
+        super().__init__()
+        self.config = dict(
+            in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+            heads=heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, learn_sigma=learn_sigma, num_classes=num_classes,
+            selfcond_layer=selfcond_layer, selfcond_mode=selfcond_mode,
+        )  # fmt: skip
+        if patch_size < 1 or image_size % patch_size:
+            raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size} "
+                             f"(DiT/SiT use {', '.join(map(str, PATCH_SIZES))})")
+        if width % heads or width % 4:
+            raise UsageError(f"{name}: width {width} must be a multiple of 4 and split into {heads} heads")
+        if depth < 1 or num_classes < 0:
+            raise UsageError(f"{name}: depth must be >= 1 and num_classes >= 0, got {depth}, {num_classes}")
+        self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
+        self.num_classes, self.learn_sigma = num_classes, bool(learn_sigma)
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        grid = image_size // patch_size
+
+        self.x_embedder = PatchEmbed(image_size, patch_size, in_channels, width, bias=True)
+        self.t_embedder = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
+        # DiT `LabelEmbedder`: num_classes + 1 rows (the last = null class); unconditional: one row
+        self.y_embedder = nn.Embedding(num_classes + 1 if num_classes else 1, width)
+        pos = torch.from_numpy(sincos_pos_embed_2d(width, grid)).float()[None]  # (1, N, D), MAE/DiT layout
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen; a parameter as in DiT (counted)
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.final_layer = FinalLayer(width, patch_size, self.out_channels)
+        self._init_weights()
+
+        names = [str(k) for k in range(1, depth + 1)]
+        self.selfcond_layer, self.selfcond = None, None
+        if selfcond_layer is not None:
+            selfcond_layer = str(selfcond_layer)
+            if selfcond_layer not in names[:-1]:
+                raise UsageError(f"invalid selfcond_layer {selfcond_layer!r} for {name} (depth {depth}); "
+                                 f"valid: {choices(names[:-1])}")
+            self.selfcond_layer = selfcond_layer
+            self.selfcond = SelfCond(width, width, FREQ_DIM, mode=selfcond_mode)  # built after init: P stays 0
+        self._register_taps(name, names, {n: width for n in names})
+
+    def _init_weights(self) -> None:
+        """DiT:models.py `initialize_weights`, rule by rule."""
+        for m in self.modules():  # xavier-uniform Linear weights, zero biases (timm's layers included)
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight  # patch embed initialised like a Linear
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        taps: frozenset[str],
+        stop_after: str | None,
+        class_labels: torch.Tensor | None = None,
+        aug_label: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        if aug_label is not None:
+            raise UsageError(f"{self.backbone_name} takes no augmentation label")
+        B, C, H, W = x.shape
+        if t.ndim == 0:
+            t = t.expand(B)
+        if class_labels is None:  # null class (conditional) or the single unconditional row
+            class_labels = torch.full((B,), self.num_classes, device=x.device)
+        elif self.num_classes == 0:
+            raise UsageError(f"{self.backbone_name} is unconditional (num_classes 0): class_labels must be None")
+        feats: dict[str, torch.Tensor] = {}
+        h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        t_sin = timestep_sinusoid(t)  # (B, 256) of the formulation's net_time
+        c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
+        for k, block in enumerate(self.blocks, start=1):
+            h = block(h, c)
+            name = str(k)
+            if name in taps:
+                feats[name] = h
+            if stop_after == name:
+                return None, feats
+            if name == self.selfcond_layer:
+                c = self.selfcond(h.mean(dim=1), t_sin, c)
+        h = self.final_layer(h, c)  # (B, N, p·p·C_out)
+        p, co = self.patch_size, self.out_channels
+        h = h.reshape(B, H // p, W // p, p, p, co).permute(0, 5, 1, 3, 2, 4).reshape(B, co, H, W)  # unpatchify
+        return h, feats
+
+
+def build_dit_orig(size: str = "B", **overrides) -> DiTOrig:
+    """`DiTOrig` from a size preset (S, B, L, XL) with recipe overrides (None = the preset's value)."""
+    if size not in DIT_ORIG_PRESETS:
+        raise UsageError(f"unknown DiT/SiT size {size!r}; valid: {choices(DIT_ORIG_PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
+    valid = [p for p in inspect.signature(DiTOrig.__init__).parameters if p not in ("self", "name")]
+    for key in overrides:
+        if key not in valid:
+            raise UsageError(f"unknown option {key!r} for dit_orig; valid: {choices(valid)}")
+    return DiTOrig(**{**DIT_ORIG_PRESETS[size], **overrides, "name": "dit_orig"})
