@@ -66,6 +66,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the current umask (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage and non-contiguous tensors: clone what needs it.
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -99,7 +106,9 @@ def save_checkpoint(
         save_file(_state_dict_for_save(ema), str(tmp / "ema.safetensors"), metadata={**meta, "kind": "ema"})
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        mode = _file_mode()
         for f in tmp.iterdir():
+            os.chmod(f, mode)  # safetensors creates its files 0600; make them like every other file
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)

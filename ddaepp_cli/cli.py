@@ -49,6 +49,12 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130)
+        except OSError as e:  # a user-given path that cannot be used (`--run-dir a_file/sub`, `/proc/x`)
+            if e.filename is None:
+                raise
+            where = f"{e.filename} → {e.filename2}" if e.filename2 else str(e.filename)
+            print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+            raise typer.Exit(2)
 
     return wrapper
 
@@ -84,27 +90,33 @@ def train(
 ) -> None:
     """Train a model from a recipe (resumes exactly when the run folder already has checkpoints)."""
     from .recipe import load_recipe
+    from .runlock import run_lock
     from .train import dry_run as plan_run, train as run_train
 
     overrides = list(set_) + ([f"train.seed={seed}"] if seed is not None else [])
     rec = load_recipe(_resolve_recipe_path(recipe), overrides)
     if max_steps is not None and max_steps <= 0:
         raise UsageError(f"--max-steps must be positive, got {max_steps}")
+    if num_processes is not None and num_processes <= 0:
+        raise UsageError(f"--num-processes must be positive, got {num_processes}")
     if dry_run:
         world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 0:
-            raise UsageError(f"--num-processes must be positive, got {world}")
         out = plan_run(rec, world, max_steps)
         if json_out:
             _emit_json(out)
         else:
             _print_plan(out)
         return
-    result = run_train(rec, run_dir or Path("runs") / rec.name, max_steps=max_steps,
-                       allow_recipe_change=allow_recipe_change)
+    run_dir = run_dir or Path("runs") / rec.name
+    with run_lock(run_dir):  # one writer per run folder: a second `train` exits 2 (runlock.py)
+        result = run_train(rec, run_dir, max_steps=max_steps, allow_recipe_change=allow_recipe_change)
     if int(os.environ.get("RANK", "0")) == 0:
         if json_out:
             _emit_json(result)
+        elif result["step"] > result["total_steps"]:
+            limit = f"--max-steps {max_steps}" if max_steps is not None else f"the recipe's {result['total_steps']} steps"
+            print(f"nothing to train: {run_dir} is already at step {result['step']}, past {limit}; "
+                  f"latest checkpoint {result['checkpoint']}", file=sys.stderr)
         else:
             print(f"trained to step {result['step']}/{result['total_steps']}: {result['checkpoint']}", file=sys.stderr)
 

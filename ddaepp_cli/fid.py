@@ -729,8 +729,10 @@ def fid(samples_or_run: str, *, ref: str | None = None, metrics: str = "fid", n:
             count, preset_used = _sample_count(n, preset, PRESETS["fid50k"])
             preset_used = preset_used or ("fid50k" if n is None else None)
             seeds = list(range(count))
-        if save_samples and Path(save_samples).exists() and any(Path(save_samples).iterdir()):
-            raise UsageError(f"--save-samples {save_samples} exists and is not empty; choose another folder")
+        if save_samples:  # a new or empty folder (fid has no --force; outdir.py)
+            from .outdir import check_output_folder
+
+            check_output_folder(save_samples, flag="--save-samples")
         if ref is None and needs_ref:
             default = f"{recipe.data.dataset}-train"  # DDAE/EDM convention: FID against the training set
             if default in REGISTERED:
@@ -870,7 +872,7 @@ def _model_source(run_info, seeds: list[int], device: torch.device, *, weights: 
     """The checkpoint's network as an image source, with `ddaepp sample`'s defaults, and its record."""
     from .build import build_formulation, dataset_geometry
     from .evalrecord import checkpoint_record
-    from .sample import load_model
+    from .sample import load_model, resolve_steps
 
     recipe, model, ckpt = load_model(run_info[0], weights, device)
     if recipe.data.dataset == "latents":
@@ -881,7 +883,7 @@ def _model_source(run_info, seeds: list[int], device: torch.device, *, weights: 
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
     formulation.check_sampler(sampler)
-    steps = recipe.sample.steps if steps is None else steps
+    steps = resolve_steps(formulation, sampler, steps, recipe.sample.steps)  # none for rk45 (sample.py)
     if steps is not None and steps <= 0:
         raise UsageError(f"--steps must be positive, got {steps}")
     clip = recipe.sample.clip_x0 if clip is None else clip

@@ -248,8 +248,10 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.raised:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.raised:  # a second signal: the checkpoint is still written (exit 130 means one was)
+            info(f"received signal {signum} again: still finishing the step and writing the checkpoint "
+                 "(SIGKILL stops at once, losing the steps since the last checkpoint)")
+            return
         self.raised = True
         info(f"received signal {signum}: finishing the step and writing a checkpoint")
 
@@ -451,9 +453,10 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
             logged_steps += 1
 
             if consecutive_bad >= t.max_nonfinite:
+                last = latest_checkpoint(run_dir)
+                kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
                 raise NonFiniteError(f"{consecutive_bad} non-finite losses/gradients in a row at step {step}; "
-                                     f"stopped; the last good checkpoint in {run_dir}/checkpoints is kept "
-                                     f"(lower train.lr or enable train.grad_clip)")
+                                     f"stopped; {kept} (lower train.lr or enable train.grad_clip)")
             if step % t.log_every == 0 or step == total_steps:
                 mean_loss = accelerator.reduce(loss_sum, "mean").item() / good_steps if good_steps else None
                 now = time.perf_counter()
