@@ -15,11 +15,29 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import DdaeppError, UsageError
 
+def _help_as_flag(option):
+    if option is not None and getattr(option, "metavar", None) is None:
+        option.metavar = ""  # `-h, --help` shows as a flag, not `<bool>` (see _show_flags_as_flags)
+    return option
+
+
+class FlagHelpCommand(TyperCommand):
+    def get_help_option(self, ctx):
+        return _help_as_flag(super().get_help_option(ctx))
+
+
+class FlagHelpGroup(TyperGroup):
+    def get_help_option(self, ctx):
+        return _help_as_flag(super().get_help_option(ctx))
+
+
 app = typer.Typer(
     name="ddaepp",
+    cls=FlagHelpGroup,
     help="Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA).",
     no_args_is_help=True,
     add_completion=False,
@@ -27,7 +45,29 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+def _shipped_recipes() -> Path:
+    from .recipe import shipped_recipes_dir
+
+    return shipped_recipes_dir()
+
+
+RECIPES_DIR = _shipped_recipes()  # recipes/ of a checkout, or the copy installed in the package
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"ddaepp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, metavar="",
+                                 help="Print the version and exit."),
+) -> None:
+    """Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA)."""
 
 
 def _emit_json(obj) -> None:
@@ -198,7 +238,11 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
     from .recipe import load_recipe
 
     rows = []
-    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+    files = sorted(RECIPES_DIR.glob("*.yaml"))
+    if not files:
+        print(f"warning: no shipped recipes found in {RECIPES_DIR}; reinstall ddaepp (`pip install .` ships "
+              f"them in ddaepp_cli/recipes/) or pass a recipe file's path", file=sys.stderr)
+    for p in files:
         header = []
         for line in p.read_text(encoding="utf-8").splitlines():
             if not line.startswith("#"):
@@ -214,6 +258,18 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()  # 80 columns when piped (or $COLUMNS)
+    if console.width < 130:  # too narrow for the table: one block per recipe, the paper row wrapped
+        import textwrap
+
+        for r in rows:
+            about = r["about"].removeprefix("DDAE++ ")
+            print(f"{r['name']}  [{r['dataset']}, {r['formulation']}, {r['backbone']}, "
+                  f"self-cond {r['selfcond'] or '-'}]")
+            if about:
+                print(textwrap.fill(about, width=max(40, console.width), initial_indent="    ",
+                                    subsequent_indent="    "))
+        return
     table = Table()
     table.add_column("recipe", no_wrap=True)
     for col in ("data", "form.", "backbone", "SC"):
@@ -222,7 +278,7 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
     for r in rows:
         about = r["about"].removeprefix("DDAE++ ")
         table.add_row(r["name"], r["dataset"], r["formulation"], r["backbone"], r["selfcond"] or "-", about)
-    Console().print(table)
+    console.print(table)
 
 
 @app.command(epilog="Example: ddaepp info runs/quickstart --json")
@@ -396,11 +452,11 @@ def noisy_classifier(
     layer: Optional[str] = typer.Option(None, "--layer", help="One layer (default: DDAE++ Tab. 9's for paper UNets, else the self-conditioning or middle decoder layer)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="digits, cifar10, cifar100 or imagefolder (default: the recipe's)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder."),
-    epochs: int = typer.Option(15, "--epochs", help="Training epochs (DDAE: 15)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default: DDAE's 15; digits 50)."),
     lr: float = typer.Option(4e-3, "--lr", help="Adam learning rate, cosine schedule (DDAE: 1e-3 × 4 GPUs)."),
-    batch_size: int = typer.Option(512, "--batch-size", help="Images per step."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default: 512 = DDAE's 128 × 4 GPUs; digits 128)."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips (default: the recipe's data.hflip)."),
-    crop: bool = typer.Option(True, "--crop/--no-crop", help="Random crop with padding image_size/8 (DDAE: 4 at 32 px)."),
+    crop: Optional[bool] = typer.Option(None, "--crop/--no-crop", help="Random crop with padding image_size/8 (default: on as DDAE, 4 px at 32 px; off for digits)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", help="Test images per noise level: the first N (default: all)."),
     weights: str = typer.Option("ema", "--weights", help="ema or raw."),
     seed: int = typer.Option(0, "--seed", help="Seed of batches, noise, times and the head."),
@@ -421,3 +477,22 @@ def noisy_classifier(
         print_noisy(result)
 from . import cli_eval  # noqa: E402,F401  (registers fid, segprobe)
 from . import cli_latent  # noqa: E402,F401
+
+
+def _show_flags_as_flags() -> None:
+    """Boolean options read `--json`, `--clip / --no-clip` in `--help`, not `--json <bool>` (typer ≥ 0.25
+    prints a type for every option in its rich help unless the option has a metavar; flags take none)."""
+    import inspect
+
+    for command in app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = FlagHelpCommand
+        for param in inspect.signature(command.callback).parameters.values():
+            info = param.default
+            if isinstance(info, typer.models.OptionInfo) and param.annotation in (bool, "bool", Optional[bool],
+                                                                                  "Optional[bool]"):
+                if getattr(info, "metavar", None) is None:
+                    info.metavar = ""
+
+
+_show_flags_as_flags()

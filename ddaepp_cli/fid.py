@@ -872,9 +872,10 @@ def _model_source(run_info, seeds: list[int], device: torch.device, *, weights: 
     """The checkpoint's network as an image source, with `ddaepp sample`'s defaults, and its record."""
     from .build import build_formulation, dataset_geometry
     from .evalrecord import checkpoint_record
-    from .sample import load_model, resolve_steps
+    from .sample import load_model, resolve_steps, weights_of
 
     recipe, model, ckpt = load_model(run_info[0], weights, device)
+    weights = weights_of(run_info[0], weights)  # a named .safetensors file decides (sample.py)
     if recipe.data.dataset == "latents":
         # On-the-fly generation here has no VAE decoding, class labels or CFG: `sample` owns those.
         raise UsageError(f"{run_info[0]} is a latent-space run: generate images with `ddaepp sample "

@@ -32,10 +32,21 @@ from .recipe import Recipe
 FORMATS = ("png", "npz", "grid")
 
 
+def weights_of(run_or_ckpt: str | os.PathLike, weights: str) -> str:
+    """`--weights`, unless RUN_OR_CKPT names one weights file: `model.safetensors` is the raw weights,
+    `ema.safetensors` the EMA — the file the user named is the one used."""
+    name = Path(run_or_ckpt).name
+    if Path(run_or_ckpt).is_file() and name in ("model.safetensors", "ema.safetensors"):
+        return "raw" if name == "model.safetensors" else "ema"
+    return weights
+
+
 def load_model(run_or_ckpt: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu"):
-    """(recipe, network, checkpoint folder) rebuilt from the checkpoint alone."""
+    """(recipe, network, checkpoint folder) rebuilt from the checkpoint alone. Callers that record the
+    weights take them from `weights_of` first (a named .safetensors file decides)."""
     if weights not in ("ema", "raw"):
         raise UsageError(f"--weights must be one of ema, raw; got {weights!r}")
+    weights = weights_of(run_or_ckpt, weights)
     ckpt = resolve_checkpoint(run_or_ckpt)
     recipe = checkpoint_recipe(ckpt)
     model = build_backbone(recipe)
@@ -229,6 +240,7 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     recipe, model, ckpt = load_model(run_or_ckpt, weights, device)
+    weights = weights_of(run_or_ckpt, weights)  # a named model.safetensors samples the raw weights
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
     steps = resolve_steps(formulation, sampler, steps, recipe.sample.steps)
