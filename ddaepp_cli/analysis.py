@@ -201,7 +201,7 @@ class NoisyClassifier(nn.Module):
 # DDAE's noisy-classifier settings (15 epochs, batch 128 × 4 GPUs, flip + 4 px crop at 32 px) are for
 # CIFAR. On scikit-learn's digits (1,442 training images, 8 px) they make 3 steps per epoch, 45 in all,
 # and the head stops at 49-63 %; batch 128 for 50 epochs without the crop (a 1 px shift of an 8 px
-# digit is a large deformation) reached 88-90 % on the same checkpoints (issue 17). As `probe` does
+# digit is a large deformation) reached 88-90 % on the same quickstart checkpoints. As `probe` does
 # (probe.DATASET_DEFAULTS), the defaults follow the dataset; explicit options always win.
 NOISY_DEFAULTS = {"epochs": 15, "batch_size": 512, "crop": True}
 NOISY_DATASET_DEFAULTS = {"digits": {"epochs": 50, "batch_size": 128, "crop": False}}
