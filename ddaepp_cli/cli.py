@@ -200,7 +200,7 @@ def sample(
     fmt: str = typer.Option("png,npz,grid", "--format", help="Comma list of png, npz, grid."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (results do not depend on it)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x̂0 to [-1, 1] inside the sampler."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an output folder written by an earlier `ddaepp sample` (nothing else)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, class-conditional models (default: the recipe's; 1 = none)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (default: class seed % num_classes)."),

@@ -57,8 +57,9 @@ def check_output_folder(out: str | os.PathLike, *, force: bool = False, flag: st
             raise UsageError(f"{flag} {out} is the current directory or one of its parents; give a new folder")
         if not any(out.iterdir()):
             return  # empty: replaced by the new folder
-        if (out / "recipe.yaml").is_file() or (out / "checkpoints").is_dir():
-            raise UsageError(f"{flag} {out} is a ddaepp run folder; it is never replaced (choose another folder)")
+        if (out / "recipe.yaml").is_file() or (out / "checkpoints").is_dir() or (out / "model.safetensors").exists():
+            raise UsageError(f"{flag} {out} is a ddaepp run or checkpoint folder; it is never replaced "
+                             f"(choose another folder)")
         if not force:
             raise UsageError(f"{flag} {out} exists and is not empty; choose another folder "
                              f"(--force replaces only a folder that ddaepp sample wrote)")
