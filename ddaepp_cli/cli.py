@@ -19,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from .errors import DdaeppError, UsageError
 
+
 def _help_as_flag(option):
     if option is not None and getattr(option, "metavar", None) is None:
         option.metavar = ""  # `-h, --help` shows as a flag, not `<bool>` (see _show_flags_as_flags)
@@ -44,6 +45,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
 
 def _shipped_recipes() -> Path:
     from .recipe import shipped_recipes_dir
@@ -480,8 +482,8 @@ from . import cli_latent  # noqa: E402,F401
 
 
 def _show_flags_as_flags() -> None:
-    """Boolean options read `--json`, `--clip / --no-clip` in `--help`, not `--json <bool>` (typer ≥ 0.25
-    prints a type for every option in its rich help unless the option has a metavar; flags take none)."""
+    """Boolean options read `--json`, `--clip / --no-clip` in `--help`, not `--json <bool>` (recent typer,
+    e.g. 0.29, prints a type for every option in its rich help unless the option has a metavar)."""
     import inspect
 
     for command in app.registered_commands:
