@@ -131,7 +131,7 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
     from .features import (check_choice, default_time, layer_order, load_eval_dataset, parse_times,
                            pick_device, precision_for)
     from .plots import check_png, cka_heatmap
-    from .sample import load_model
+    from .sample import load_model, weights_of
 
     check_choice("--features", features, FEATURES)
     check_choice("--split", split, ("train", "test"))
@@ -143,6 +143,7 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
     dev = pick_device(device)
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
+    weights = weights_of(run_or_ckpt, weights)  # a named .safetensors file decides (sample.py)
     form = build_formulation(recipe)
     ds = load_eval_dataset(recipe, dataset=dataset, split=split, root=data_root, held_out=test_root, latent=True)
     n = min(n, len(ds))
@@ -204,14 +205,14 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
 def print_cka(result: dict) -> None:
     from rich.table import Table
 
-    from .console import err
+    from .console import err, out
 
     rows, cols = result["layers"], result.get("other_layers", result["layers"])
     title = "linear CKA" + (" (rows: A, columns: B)" if "other_layers" in result else "")
     table = Table("", *cols, title=title)
     for name, row in zip(rows, result["matrix"]):
         table.add_row(name, *[f"{v:.2f}" for v in row])
-    err.print(table)
+    out.print(table)
     for key in ("eval_record", "plot"):
         if result.get(key):
             err.print(f"{key.replace('_', ' ')}: {result[key]}", markup=False)

@@ -15,11 +15,30 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import DdaeppError, UsageError
 
+
+def _help_as_flag(option):
+    if option is not None and getattr(option, "metavar", None) is None:
+        option.metavar = ""  # `-h, --help` shows as a flag, not `<bool>` (see _show_flags_as_flags)
+    return option
+
+
+class FlagHelpCommand(TyperCommand):
+    def get_help_option(self, ctx):
+        return _help_as_flag(super().get_help_option(ctx))
+
+
+class FlagHelpGroup(TyperGroup):
+    def get_help_option(self, ctx):
+        return _help_as_flag(super().get_help_option(ctx))
+
+
 app = typer.Typer(
     name="ddaepp",
+    cls=FlagHelpGroup,
     help="Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA).",
     no_args_is_help=True,
     add_completion=False,
@@ -27,7 +46,30 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _shipped_recipes() -> Path:
+    from .recipe import shipped_recipes_dir
+
+    return shipped_recipes_dir()
+
+
+RECIPES_DIR = _shipped_recipes()  # recipes/ of a checkout, or the copy installed in the package
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"ddaepp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, metavar="",
+                                 help="Print the version and exit."),
+) -> None:
+    """Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA)."""
 
 
 def _emit_json(obj) -> None:
@@ -49,6 +91,12 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130)
+        except OSError as e:  # a user-given path that cannot be used (`--run-dir a_file/sub`, `/proc/x`)
+            if e.filename is None:
+                raise
+            where = f"{e.filename} → {e.filename2}" if e.filename2 else str(e.filename)
+            print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+            raise typer.Exit(2)
 
     return wrapper
 
@@ -84,27 +132,33 @@ def train(
 ) -> None:
     """Train a model from a recipe (resumes exactly when the run folder already has checkpoints)."""
     from .recipe import load_recipe
+    from .runlock import run_lock
     from .train import dry_run as plan_run, train as run_train
 
     overrides = list(set_) + ([f"train.seed={seed}"] if seed is not None else [])
     rec = load_recipe(_resolve_recipe_path(recipe), overrides)
     if max_steps is not None and max_steps <= 0:
         raise UsageError(f"--max-steps must be positive, got {max_steps}")
+    if num_processes is not None and num_processes <= 0:
+        raise UsageError(f"--num-processes must be positive, got {num_processes}")
     if dry_run:
         world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 0:
-            raise UsageError(f"--num-processes must be positive, got {world}")
         out = plan_run(rec, world, max_steps)
         if json_out:
             _emit_json(out)
         else:
             _print_plan(out)
         return
-    result = run_train(rec, run_dir or Path("runs") / rec.name, max_steps=max_steps,
-                       allow_recipe_change=allow_recipe_change)
+    run_dir = run_dir or Path("runs") / rec.name
+    with run_lock(run_dir):  # one writer per run folder: a second `train` exits 2 (runlock.py)
+        result = run_train(rec, run_dir, max_steps=max_steps, allow_recipe_change=allow_recipe_change)
     if int(os.environ.get("RANK", "0")) == 0:
         if json_out:
             _emit_json(result)
+        elif result["step"] > result["total_steps"]:
+            limit = f"--max-steps {max_steps}" if max_steps is not None else f"the recipe's {result['total_steps']} steps"
+            print(f"nothing to train: {run_dir} is already at step {result['step']}, past {limit}; "
+                  f"latest checkpoint {result['checkpoint']}", file=sys.stderr)
         else:
             print(f"trained to step {result['step']}/{result['total_steps']}: {result['checkpoint']}", file=sys.stderr)
 
@@ -148,7 +202,7 @@ def sample(
     fmt: str = typer.Option("png,npz,grid", "--format", help="Comma list of png, npz, grid."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (results do not depend on it)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x̂0 to [-1, 1] inside the sampler."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an output folder written by an earlier `ddaepp sample` (nothing else)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, class-conditional models (default: the recipe's; 1 = none)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (default: class seed % num_classes)."),
@@ -186,7 +240,11 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
     from .recipe import load_recipe
 
     rows = []
-    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+    files = sorted(RECIPES_DIR.glob("*.yaml"))
+    if not files:
+        print(f"warning: no shipped recipes found in {RECIPES_DIR}; reinstall ddaepp (`pip install .` ships "
+              f"them in ddaepp_cli/recipes/) or pass a recipe file's path", file=sys.stderr)
+    for p in files:
         header = []
         for line in p.read_text(encoding="utf-8").splitlines():
             if not line.startswith("#"):
@@ -202,6 +260,18 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()  # 80 columns when piped (or $COLUMNS)
+    if console.width < 130:  # too narrow for the table: one block per recipe, the paper row wrapped
+        import textwrap
+
+        for r in rows:
+            about = r["about"].removeprefix("DDAE++ ")
+            print(f"{r['name']}  [{r['dataset']}, {r['formulation']}, {r['backbone']}, "
+                  f"self-cond {r['selfcond'] or '-'}]")
+            if about:
+                print(textwrap.fill(about, width=max(40, console.width), initial_indent="    ",
+                                    subsequent_indent="    "))
+        return
     table = Table()
     table.add_column("recipe", no_wrap=True)
     for col in ("data", "form.", "backbone", "SC"):
@@ -210,7 +280,7 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
     for r in rows:
         about = r["about"].removeprefix("DDAE++ ")
         table.add_row(r["name"], r["dataset"], r["formulation"], r["backbone"], r["selfcond"] or "-", about)
-    Console().print(table)
+    console.print(table)
 
 
 @app.command(epilog="Example: ddaepp info runs/quickstart --json")
@@ -395,11 +465,11 @@ def noisy_classifier(
     layer: Optional[str] = typer.Option(None, "--layer", help="One layer (default: DDAE++ Tab. 9's for paper UNets, else the self-conditioning or middle decoder layer)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="digits, cifar10, cifar100 or imagefolder (default: the recipe's)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder."),
-    epochs: int = typer.Option(15, "--epochs", help="Training epochs (DDAE: 15)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default: DDAE's 15; digits 50)."),
     lr: float = typer.Option(4e-3, "--lr", help="Adam learning rate, cosine schedule (DDAE: 1e-3 × 4 GPUs)."),
-    batch_size: int = typer.Option(512, "--batch-size", help="Images per step."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default: 512 = DDAE's 128 × 4 GPUs; digits 128)."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips (default: the recipe's data.hflip)."),
-    crop: bool = typer.Option(True, "--crop/--no-crop", help="Random crop with padding image_size/8 (DDAE: 4 at 32 px)."),
+    crop: Optional[bool] = typer.Option(None, "--crop/--no-crop", help="Random crop with padding image_size/8 (default: on as DDAE, 4 px at 32 px; off for digits)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", help="Test images per noise level: the first N (default: all)."),
     weights: str = typer.Option("ema", "--weights", help="ema or raw."),
     seed: int = typer.Option(0, "--seed", help="Seed of batches, noise, times and the head."),
@@ -421,3 +491,22 @@ def noisy_classifier(
 from . import cli_eval  # noqa: E402,F401  (registers fid, segprobe)
 from . import cli_latent  # noqa: E402,F401
 from . import cli_import  # noqa: E402,F401  (registers import)
+
+
+def _show_flags_as_flags() -> None:
+    """Boolean options read `--json`, `--clip / --no-clip` in `--help`, not `--json <bool>` (recent typer,
+    e.g. 0.29, prints a type for every option in its rich help unless the option has a metavar)."""
+    import inspect
+
+    for command in app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = FlagHelpCommand
+        for param in inspect.signature(command.callback).parameters.values():
+            info = param.default
+            if isinstance(info, typer.models.OptionInfo) and param.annotation in (bool, "bool", Optional[bool],
+                                                                                  "Optional[bool]"):
+                if getattr(info, "metavar", None) is None:
+                    info.metavar = ""
+
+
+_show_flags_as_flags()

@@ -1,4 +1,4 @@
-"""Terminal output: everything human goes to stderr (stdout is reserved for `--json`).
+"""Terminal output: results (tables, `--json`) go to stdout; progress, logs and errors to stderr.
 
 `progress(total, desc)` is a rich progress bar with rate and ETA on a TTY and plain,
 throttled lines otherwise (logs, CI, pipes). Only rank 0 shows anything.
@@ -15,6 +15,7 @@ from typing import Iterator
 from rich.console import Console
 
 err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)  # results tables: `ddaepp probe RUN > out.txt` keeps the table
 
 
 def is_main_process() -> bool:

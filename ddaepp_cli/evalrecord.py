@@ -85,17 +85,24 @@ def checkpoint_record(ckpt: Path, weights: str, recipe) -> dict[str, Any]:
 
 
 def new_record_path(ckpt: Path, command: str) -> Path:
-    """A fresh `eval/<command>-<UTC timestamp>.json` path in the checkpoint's run folder."""
+    """A fresh `eval/<command>-<UTC timestamp>-<pid>.json` path in the checkpoint's run folder.
+
+    The process id keeps two evaluations started in the same second apart (two `ddaepp cka` at
+    once); `save_record` never replaces an existing record either."""
     folder = run_folder(ckpt) / "eval"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path, k = folder / f"{command}-{stamp}.json", 1
-    while path.exists() or path.with_suffix(".png").exists():  # two evaluations in the same second
+    base = f"{command}-{stamp}-{os.getpid()}"
+    path, k = folder / f"{base}.json", 1
+    while path.exists() or path.with_suffix(".png").exists():  # the same process, the same second
         k += 1
-        path = folder / f"{command}-{stamp}-{k}.json"
+        path = folder / f"{base}-{k}.json"
     return path
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, *, exclusive: bool = False) -> Path:
+    """Write `obj` as JSON to a temporary file, fsync, then put it at `path` in one step. With
+    `exclusive`, an existing `path` is never replaced: the record goes to `<stem>-2.json`, … instead
+    (os.link fails when the name exists, so two writers cannot both take one name). Returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -103,20 +110,45 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             f.write(json.dumps(obj, indent=2, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a record is as readable as other files
+        if not exclusive:
+            os.replace(tmp, path)
+            return path
+        target, k = path, 1
+        while True:
+            try:
+                os.link(tmp, target)
+                break
+            except FileExistsError:
+                k += 1
+                target = path.with_name(f"{path.stem}-{k}{path.suffix}")
+            except OSError:  # no hard links on this file system: a plain rename to a free name
+                while target.exists():
+                    k += 1
+                    target = path.with_name(f"{path.stem}-{k}{path.suffix}")
+                os.replace(tmp, target)
+                return target
+        Path(tmp).unlink()
+        return target
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_record(path: Path, result: dict[str, Any]) -> Path | None:
-    """Write `result` to `path`; a read-only run folder costs a warning, not the evaluation."""
+    """Write `result` to `path` (or `<stem>-2.json` if another process took that name meanwhile);
+    a read-only run folder costs a warning, not the evaluation."""
     try:
-        write_json_atomic(path, result)
+        return write_json_atomic(path, result, exclusive=True)
     except OSError as e:
         info(f"warning: could not write the evaluation record {path}: {e.strerror or e}")
         return None
-    return path
 
 
 def timestamp() -> str:

@@ -177,12 +177,12 @@ def check_weights_file(path: Path, sha256: str) -> None:
     """Refuse files that are not a plain state dict in the extractor's layout (one line, exit 2)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception:
         if is_official(sha256):
             return  # the official file, identified by its hash
-        first = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UsageError(f"{path} is not a plain PyTorch state dict of Inception weights ({first}); "
-                         f"expected {WEIGHTS_NAME} from {WEIGHTS_URL}") from None
+        # torch's own message is no help here (for a text file it is a bare number such as "(101)")
+        raise UsageError(f"{path} is not a plain PyTorch state dict of Inception weights (torch.load with "
+                         f"weights_only cannot read it); expected {WEIGHTS_NAME} from {WEIGHTS_URL}") from None
     if not isinstance(state, dict):
         raise UsageError(f"{path} holds a {type(state).__name__}, not a state dict; expected {WEIGHTS_NAME}")
     want = layout()

@@ -260,7 +260,7 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     from .build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
-    from .sample import load_model
+    from .sample import load_model, weights_of
 
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol {protocol!r} is not known; valid: {choices(PROTOCOLS)}")
@@ -279,6 +279,7 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     dev = dist.device
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
+    weights = weights_of(run_or_ckpt, weights)  # a named .safetensors file decides (sample.py)
     formulation = build_formulation(recipe)
     latent = recipe.data.dataset == "latents"
     if latent and proto.crop:
@@ -411,10 +412,10 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
 
 
 def print_probe(result: dict) -> None:
-    """Rich table (stderr): layers × timesteps, best cell marked, test accuracy below."""
+    """Rich table (stdout): layers × timesteps, best cell marked, test accuracy below; paths on stderr."""
     from rich.table import Table
 
-    from .console import err
+    from .console import err, out
 
     times = [t["text"] for t in result["timesteps"]]
     best = result["best"]
@@ -428,8 +429,8 @@ def print_probe(result: dict) -> None:
                 v = f"{100 * acc[(layer, t)]:.2f}"
                 row.append(f"[bold green]{v}*[/]" if (layer, t) == (best["layer"], best["timestep"]) else v)
             table.add_row(layer, *row)
-        err.print(table)
-    err.print(f"best: {best['layer']} at t={best['timestep']} (selected on {result['selected_on']}); "
+        out.print(table)
+    out.print(f"best: {best['layer']} at t={best['timestep']} (selected on {result['selected_on']}); "
               f"test accuracy {100 * result['test_accuracy']:.2f}% (chance {100 * result['chance']:.1f}%)",
               markup=False)
     if result.get("eval_record"):

@@ -33,8 +33,11 @@ def candidate_layers(recipe: Recipe, spec: str) -> list[str]:
         raise UsageError(f"profile-layers needs a backbone with a self-conditioning layer (ddpm, ddpmpp, dit, dit_orig); "
                          f"{recipe.name} uses {recipe.model.backbone}")
     base = replace(recipe, ["model.selfcond.layer=null"])
-    names = build_backbone(base, device="meta").layer_names
-    layers = expand_layer_spec(spec, names, backbone=recipe.model.backbone)
+    names = list(build_backbone(base, device="meta").layer_names)
+    # What the backbone accepts as a self-conditioning layer: a UNet's decoder outputs but the last
+    # (nets/unet.py), a DiT's blocks but the last (nets/dit.py) — so the error lists only those.
+    decoder = [n for n in names if n.startswith("out_")] if isinstance(recipe.model, UNetConfig) else names
+    layers = expand_layer_spec(spec, decoder[:-1], backbone=recipe.model.backbone)
     for layer in layers:  # the backbone's own rule (e.g. DiT: not after the last block)
         build_backbone(replace(recipe, [f"model.selfcond.layer={json.dumps(layer)}"]), device="meta")
     return layers
@@ -47,6 +50,19 @@ def window_mean(losses: Sequence[float], window: float) -> float:
     return sum(tail) / len(tail)
 
 
+def paired_margin(baseline: Sequence[float], candidate: Sequence[float], window: float) -> tuple[float, float]:
+    """(baseline − candidate window mean, its noise): the runs share every per-step draw, so their
+    step-by-step loss differences are paired; the noise is two standard errors of the mean difference
+    over the final window (0 when the window holds a single step). A margin within it is a tie."""
+    k = max(1, math.ceil(window * min(len(baseline), len(candidate))))
+    d = [b - c for b, c in zip(baseline[-k:], candidate[-k:])]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, 0.0
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, 2.0 * math.sqrt(var / len(d))
+
+
 def read_losses(run_dir: Path) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [rec["loss"] for rec in map(json.loads, lines) if rec.get("loss") is not None]
@@ -56,6 +72,7 @@ def profile_layers(recipe: Recipe, spec: str, run_dir: str | Path, *, steps: int
                    epochs: float | None = None, window: float = 0.25, plot: str | Path | None = None) -> dict[str, Any]:
     """Train the baseline and one run per candidate layer; return the scores and the best layer."""
     from .build import dataset_geometry
+    from .runlock import run_lock
     from .train import make_plan, train
 
     if (steps is None) == (epochs is None):
@@ -81,13 +98,17 @@ def profile_layers(recipe: Recipe, spec: str, run_dir: str | Path, *, steps: int
         rec = replace(recipe, common + [f"model.selfcond.layer={value}"])
         folder = run_dir / (BASELINE if layer == BASELINE else f"layer-{layer}")
         info(f"profile-layers: {'baseline' if layer == BASELINE else 'layer ' + layer}, {steps} steps -> {folder}")
-        train(rec, folder, max_steps=steps)
+        with run_lock(folder):  # one writer per run folder, as `ddaepp train` (runlock.py)
+            train(rec, folder, max_steps=steps)
         curves[layer] = read_losses(folder)
     scores = {layer: window_mean(c, window) for layer, c in curves.items()}
     best = min(layers, key=lambda name: scores[name])  # first of equals: the earliest layer
+    margin, noise = paired_margin(curves[BASELINE], curves[best], window)
+    verdict = "tie" if abs(margin) <= noise else ("better" if margin > 0 else "worse")
     result = {"recipe": recipe.name, "steps": steps, "window": window, "baseline": scores[BASELINE],
               "losses": {k: scores[k] for k in layers}, "best": best, "best_loss": scores[best],
-              "beats_baseline": scores[best] < scores[BASELINE], "run_dir": str(run_dir)}
+              "margin": margin, "noise": noise, "verdict": verdict,
+              "beats_baseline": verdict == "better", "run_dir": str(run_dir)}
     if plot is not None:
         result["plot"] = str(plot_curves(curves, Path(plot), title=f"{recipe.name}: self-conditioning layer"))
     return result
@@ -123,6 +144,10 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [f"{'baseline':>10}  {result['baseline']:.6f}"]
     rows += [f"{'layer ' + k:>10}  {v:.6f}{'  <- best' if k == result['best'] else ''}"
              for k, v in result["losses"].items()]
+    if "verdict" in result:
+        word = {"tie": "a tie with", "better": "better than", "worse": "worse than"}[result["verdict"]]
+        rows.append(f"layer {result['best']} is {word} the baseline: margin {result['margin']:+.6f}, "
+                    f"noise ±{result['noise']:.6f} (2 standard errors of the paired per-step differences)")
     return "\n".join(rows)
 
 

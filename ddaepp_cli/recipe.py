@@ -1,6 +1,7 @@
 """Recipes: YAML → typed, frozen dataclasses (SPEC §2). Every default lives in this file.
 
-A recipe may start from another (`base: other.yaml`, resolved relative to the file) and override
+A recipe may start from another (`base: other.yaml`, resolved relative to the file, else a shipped
+recipe of that name: `base: cifar10_edm_ddpmpp`) and override
 keys; `--set a.b=c` overrides are applied last, their values parsed as YAML (`--set
 train.lr=2e-4`, `--set model.selfcond.layer=out_7`, `--set train.betas=[0.9,0.95]`).
 
@@ -480,8 +481,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise UsageError(f"malformed YAML in {p}{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read recipe {p}: {e}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file (or comments only) is a mistake, not "all defaults"
+        raise UsageError(f"recipe {p} is empty; a recipe needs at least `base:` or the keys it sets "
+                         f"(see the shipped recipes: `ddaepp recipes`)")
     if not isinstance(data, dict):
         raise UsageError(f"recipe {p} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -514,7 +516,27 @@ def load_raw(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise UsageError(f"{p.name}: base must be a file name, got {base!r}")
-    return _merge(load_raw(p.parent / base, (*_seen, p)), data)
+    return _merge(load_raw(_find_base(p, base), (*_seen, p)), data)
+
+
+def shipped_recipes_dir() -> Path:
+    """The shipped recipes: `recipes/` of a source checkout, else the copy installed with the package
+    (`pip install .` puts them in `ddaepp_cli/recipes/`, see pyproject.toml)."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "recipes"
+
+
+def _find_base(recipe_file: Path, base: str) -> Path:
+    """`base:` relative to the recipe's folder, else a shipped recipe by name (with or without .yaml)."""
+    local = recipe_file.parent / base
+    if local.is_file():
+        return local
+    shipped = shipped_recipes_dir()
+    for cand in (shipped / base, shipped / f"{base}.yaml"):
+        if Path(base).name == base and cand.is_file():
+            return cand
+    raise UsageError(f"{recipe_file.name}: base {base!r} not found next to it ({local}) nor among the shipped "
+                     f"recipes (`ddaepp recipes`)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -26,15 +26,27 @@ from .build import build_backbone, build_formulation, dataset_geometry
 from .checkpoint import checkpoint_recipe, load_weights_into, resolve_checkpoint
 from .console import progress
 from .errors import UsageError, choices
+from .outdir import check_output_folder, replace_folder
 from .recipe import Recipe
 
 FORMATS = ("png", "npz", "grid")
 
 
+def weights_of(run_or_ckpt: str | os.PathLike, weights: str) -> str:
+    """`--weights`, unless RUN_OR_CKPT names one weights file: `model.safetensors` is the raw weights,
+    `ema.safetensors` the EMA — the file the user named is the one used."""
+    name = Path(run_or_ckpt).name
+    if Path(run_or_ckpt).is_file() and name in ("model.safetensors", "ema.safetensors"):
+        return "raw" if name == "model.safetensors" else "ema"
+    return weights
+
+
 def load_model(run_or_ckpt: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu"):
-    """(recipe, network, checkpoint folder) rebuilt from the checkpoint alone."""
+    """(recipe, network, checkpoint folder) rebuilt from the checkpoint alone. Callers that record the
+    weights take them from `weights_of` first (a named .safetensors file decides)."""
     if weights not in ("ema", "raw"):
         raise UsageError(f"--weights must be one of ema, raw; got {weights!r}")
+    weights = weights_of(run_or_ckpt, weights)
     ckpt = resolve_checkpoint(run_or_ckpt)
     recipe = checkpoint_recipe(ckpt)
     model = build_backbone(recipe)
@@ -120,6 +132,16 @@ def sampling_options(recipe: Recipe, model: torch.nn.Module, seeds: Sequence[int
                 cfg_channels=s.cfg_channels, decode=decode)
 
 
+def resolve_steps(formulation, sampler: str, steps: int | None, recipe_steps: int | None) -> int | None:
+    """`--steps`, else the recipe's step count; an adaptive sampler (rk45: no default step count)
+    takes none, so the recipe's count for its fixed-grid default is not forced on it."""
+    if steps is not None:
+        return steps
+    if sampler in formulation.default_steps and formulation.default_steps[sampler] is None:
+        return None
+    return recipe_steps
+
+
 def parse_interval(text: str | None) -> tuple[float, float] | None:
     """`--cfg-interval 0,0.89` → (0.0, 0.89) (paper time, t = 0 is data)."""
     if text is None:
@@ -187,9 +209,10 @@ def write_outputs(images: torch.Tensor, seeds: Sequence[int], out_dir: Path, for
             save_grid(images[:256], tmp / "grid.png")
             written["grid"] = str(out_dir / "grid.png")
         (tmp / "protocol.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()  # only an empty folder gets here (checked by the caller)
-        os.rename(tmp, out_dir)
+        replace_folder(tmp, out_dir)  # an existing folder: only an empty or earlier sample folder
+    except UsageError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"could not write samples to {out_dir}: {e.strerror or e}") from None
@@ -216,9 +239,10 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     recipe, model, ckpt = load_model(run_or_ckpt, weights, device)
+    weights = weights_of(run_or_ckpt, weights)  # a named model.safetensors samples the raw weights
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
-    steps = recipe.sample.steps if steps is None else steps
+    steps = resolve_steps(formulation, sampler, steps, recipe.sample.steps)
     if clip and recipe.data.dataset == "latents":
         raise UsageError("--clip clips x̂0 to [-1, 1], a pixel range; this run's latents have unit variance "
                          "(latent runs sample unclipped)")
@@ -232,11 +256,7 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     out_dir = Path(out) if out else run_dir / "samples" / (
         f"{ckpt.name}-{weights}-{sampler}{steps or ''}-seeds{seeds[0]}-{seeds[-1]}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not force:
-            raise UsageError(f"output folder {out_dir} exists and is not empty; choose another --out (or --force)")
-        if state.is_main_process:
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    check_output_folder(out_dir, force=force)  # --force replaces only an earlier sample folder (outdir.py)
     channels, size, _ = dataset_geometry(recipe.data)
     shape = (channels, size, size)
     mine = seeds[state.process_index::state.num_processes]

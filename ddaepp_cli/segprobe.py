@@ -362,7 +362,7 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
     from .evalrecord import (checkpoint_record, device_record, new_record_path, save_record, timestamp,
                              versions)
     from .features import pick_device, precision_for
-    from .sample import load_model
+    from .sample import load_model, weights_of
 
     if dataset not in SPECS:
         raise UsageError(f"--dataset {dataset!r} is not known; valid: {choices(SPECS)}")
@@ -380,6 +380,7 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
     dev = pick_device(device)
     precision = precision_for(dev)
     recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
+    weights = weights_of(run_or_ckpt, weights)  # a named .safetensors file decides (sample.py)
     formulation = build_formulation(recipe)
     latent = recipe.data.dataset == "latents"
     channels, native, _ = dataset_geometry(recipe.data)
@@ -475,10 +476,10 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
 
 
 def print_segprobe(result: dict) -> None:
-    """A short rich table on stderr: mIoU, pixel accuracy, the protocol's key settings."""
+    """A short rich table on stdout (paths on stderr): mIoU, pixel accuracy, the protocol's key settings."""
     from rich.table import Table
 
-    from .console import err
+    from .console import err, out
 
     table = Table("", "value", title=f"segprobe on {result['dataset']}")
     table.add_row("mIoU", f"{100 * result['miou']:.2f}")
@@ -486,7 +487,7 @@ def print_segprobe(result: dict) -> None:
     table.add_row("layers", ",".join(result["layers"]))
     table.add_row("timestep", f"{result['timestep']['text']} ({result['timestep']['t']:g})")
     table.add_row("classes evaluated", str(result["classes_evaluated"]))
-    err.print(table)
+    out.print(table)
     for key, label in (("plot", "predictions"), ("eval_record", "record")):
         if result.get(key):
             err.print(f"{label}: {result[key]}", markup=False)

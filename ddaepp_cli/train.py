@@ -146,8 +146,10 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.raised:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.raised:  # a second signal: the checkpoint is still written (exit 130 means one was)
+            info(f"received signal {signum} again: still finishing the step and writing the checkpoint "
+                 "(SIGKILL stops at once, losing the steps since the last checkpoint)")
+            return
         self.raised = True
         info(f"received signal {signum}: finishing the step and writing a checkpoint")
 
@@ -260,9 +262,10 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
             log.add(r)
             bad_in_a_row = 0 if r.applied or r.overflow else bad_in_a_row + 1
             if bad_in_a_row >= t.max_nonfinite:
+                last = latest_checkpoint(run_dir)
+                kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
                 raise NonFiniteError(f"{bad_in_a_row} non-finite losses/gradients in a row at step {ts.step}; "
-                                     f"stopped; the last good checkpoint in {run_dir}/checkpoints is kept "
-                                     f"(lower train.lr or enable train.grad_clip)")
+                                     f"stopped; {kept} (lower train.lr or enable train.grad_clip)")
             if ts.step % t.log_every == 0 or ts.step == total:
                 rec = log.write(step=ts.step, epoch=ts.step / plan.steps_per_epoch, grad_norm=r.grad_norm,
                                 lr=lr_at(recipe, ts.step - 1, plan.warmup_steps or 0), nonfinite=ts.nonfinite_total)

@@ -42,8 +42,9 @@ def test_reports_the_argmin(recipe, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--candidates", "2-1"], "inverted layer range '2-1'"),
-    (["--candidates", "1-7"], "unknown layer '4' for dit"),
-    (["--candidates", "3"], "invalid selfcond_layer '3'"),
+    # depth 3: blocks 1-3 are tappable, the last cannot self-condition, so the list offers only 1, 2
+    (["--candidates", "1-7"], "unknown layer '3' for dit; valid: 1, 2"),
+    (["--candidates", "3"], "unknown layer '3' for dit; valid: 1, 2"),
 ])
 def test_bad_candidates_exit_2(recipe, tmp_path, args, fragment):
     r = run_cli("profile-layers", recipe, *args, "--steps", "2", "--run-dir", tmp_path / "x")

@@ -137,8 +137,10 @@ def _plan_run(p: Plan, path: Path, *, ref, metrics, n, preset, seeds, checkpoint
         p.preset = p.preset or ("fid50k" if n is None else None)
         seeds = list(range(p.count))
     p.seeds = seeds
-    if save_samples and Path(save_samples).exists() and any(Path(save_samples).iterdir()):
-        raise UsageError(f"--save-samples {save_samples} exists and is not empty; choose another folder")
+    if save_samples:  # a new or empty folder (fid has no --force; outdir.py)
+        from ..outdir import check_output_folder
+
+        check_output_folder(save_samples, flag="--save-samples")
     if ref is not None or (metrics is not None and not _needs_ref(parse_metrics(metrics))):
         return ref
     default = f"{p.recipe.data.dataset}-train"  # DDAE/EDM convention: FID against the training set
@@ -224,6 +226,9 @@ def fid(samples_or_run: str, *, ref: str | None = None, metrics: str | None = No
     tf_layers = [name for name in p.layers if name != SPATIAL]
     extractor = inception.load_extractor(weights_path, tf_layers, device=dist.device, dtype=extractor_dtype)
     ext_info = inception.describe(weights_path, extractor_dtype)
+    from ..sample import weights_of
+
+    weights = weights_of(samples_or_run, weights)  # a named .safetensors file decides (sample.py)
     generation = _Generation(p, dist.device, weights=weights, sampler=sampler, steps=steps, clip=clip) \
         if p.is_run else None  # loads the VAE of a latent run (exit 3 when missing), once
     ref_bs = batch_size or 100
@@ -279,14 +284,14 @@ class _Generation:
     def __init__(self, p: Plan, device: torch.device, *, weights: str, sampler: str | None, steps: int | None,
                  clip: bool | None):
         from ..build import build_formulation, dataset_geometry
-        from ..sample import load_model, sampling_options
+        from ..sample import load_model, resolve_steps, sampling_options
 
         self.p, self.device, self.weights = p, device, weights
         recipe, model, _ = load_model(p.checkpoints[0], weights, device)  # checks the weights file early
         self.formulation = build_formulation(recipe)
         self.sampler = sampler or recipe.sample.sampler or self.formulation.samplers[0]
         self.formulation.check_sampler(self.sampler)
-        self.steps = recipe.sample.steps if steps is None else steps
+        self.steps = resolve_steps(self.formulation, self.sampler, steps, recipe.sample.steps)  # none for rk45
         if self.steps is not None and self.steps <= 0:
             raise UsageError(f"--steps must be positive, got {self.steps}")
         clip = recipe.sample.clip_x0 if clip is None else clip
