@@ -195,7 +195,7 @@ def check(r, code):
 
 
 def test_recipes_with_a_broken_shipped_recipe(tmp_path, monkeypatch):
-    import ddaepp_cli.cli as cli
+    import ddaepp_cli.cli.base as cli  # where the shipped-recipes folder is looked up
 
     (tmp_path / "broken.yaml").write_text("name: x\nmodel: {backbone: ddpm\n  - [\n")
     monkeypatch.setattr(cli, "RECIPES_DIR", tmp_path)

@@ -417,12 +417,12 @@ def test_released_dit_sit_state_dicts_name_the_missing_backbone(tmp_path, family
 ])
 def test_published_sizes_map_completely(tmp_path, family, recipe, make, params):
     from ddaepp_cli.build import build_backbone
-    from ddaepp_cli.cli import _resolve_recipe_path
+    from ddaepp_cli.cli import resolve_recipe_path
     from ddaepp_cli.importers import FAMILIES
     from ddaepp_cli.importers.common import check_against
     from ddaepp_cli.recipe import load_recipe, replace
 
-    rec = load_recipe(_resolve_recipe_path(recipe), ["data.root=/nonexistent"])
+    rec = load_recipe(resolve_recipe_path(recipe), ["data.root=/nonexistent"])
     fam = FAMILIES[family]
     rec = replace(rec, fam.overrides(rec))
     model = build_backbone(rec, device="meta")
@@ -439,11 +439,11 @@ def test_published_sizes_map_completely(tmp_path, family, recipe, make, params):
 
 def test_rf_net_convention_is_a_recipe_option():
     from ddaepp_cli.build import build_formulation
-    from ddaepp_cli.cli import _resolve_recipe_path
+    from ddaepp_cli.cli import resolve_recipe_path
     from ddaepp_cli.errors import UsageError
     from ddaepp_cli.recipe import load_recipe
 
-    path = _resolve_recipe_path("imagenet256_rf_ditb_cond")
+    path = resolve_recipe_path("imagenet256_rf_ditb_cond")
     assert build_formulation(load_recipe(path)).net_convention == "ddaepp"
     f = build_formulation(load_recipe(path, ["diffusion.net_convention=sit"]))
     t = torch.tensor([0.0, 0.25, 1.0])

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli import _emit_json, _resolve_recipe_path, app, handle_errors
+from .base import emit_json, resolve_recipe_path, app, handle_errors
 
 
 @app.command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
@@ -26,14 +26,14 @@ def import_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Convert a DDAE / U-ViT / LightningDiT / SRA / REPA checkpoint into a run: keys, conventions, a source record."""
-    from .importers import import_checkpoint
-    from .recipe import load_recipe
+    from ..importers import import_checkpoint
+    from ..recipe import load_recipe
 
-    rec = load_recipe(_resolve_recipe_path(recipe), list(set_))
+    rec = load_recipe(resolve_recipe_path(recipe), list(set_))
     result = import_checkpoint(source, family=family, recipe=rec, out=out, weights=weights, vae=vae,
                                latent_stats=latent_stats)
     if json_out:
-        _emit_json({k: v for k, v in result.items() if k != "dropped"} |
+        emit_json({k: v for k, v in result.items() if k != "dropped"} |
                    {"dropped": {r: len(keys) for r, keys in result["dropped"].items()}})
         return
     print(f"imported {result['source']['file']} ({family}, sha256 {result['source']['sha256'][:12]}…): "

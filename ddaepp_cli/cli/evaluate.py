@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from .cli import _emit_json, app, handle_errors
-from .errors import UsageError
+from .base import emit_json, app, handle_errors
+from ..errors import UsageError
 
 
 @app.command(epilog="Examples: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json; "
@@ -45,11 +45,11 @@ def fid(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """FID, sFID, IS, KID and precision/recall through torch-fidelity's Inception, with a protocol record."""
-    from .fid import fid as run_fid, print_fid
+    from ..fid import fid as run_fid, print_fid
 
     seed_list = None
     if seeds is not None:
-        from .seeding import parse_seeds
+        from ..seeding import parse_seeds
 
         seed_list = parse_seeds(seeds)
     result = run_fid(samples_or_run, ref=ref, metrics=metrics, n=n, preset=preset, seeds=seed_list,
@@ -62,7 +62,7 @@ def fid(
     if not result:  # ranks other than 0
         return
     if json_out:
-        _emit_json(result)
+        emit_json(result)
     else:
         print_fid(result)
 
@@ -93,8 +93,8 @@ def segprobe(
     """Dense linear probe (semantic segmentation, mIoU) on frozen noised features of two layers."""
     import sys
 
-    from .latentprobe import format_checkpoints, over_checkpoints
-    from .segprobe import print_segprobe, segprobe as run_segprobe
+    from ..latentprobe import format_checkpoints, over_checkpoints
+    from ..segprobe import print_segprobe, segprobe as run_segprobe
 
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {workers}")
@@ -106,7 +106,7 @@ def segprobe(
         weights=weights, seed=seed, workers=workers, device=device, plot=str(plot) if plot else None),
         score=lambda r: r["miou"], command="segprobe")
     if json_out:
-        _emit_json(result)
+        emit_json(result)
     elif "checkpoints" in result:
         for r in result["results"]:
             print_segprobe(r)

@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from .cli import _emit_json, _resolve_recipe_path, app, handle_errors
-from .errors import UsageError
+from .base import emit_json, resolve_recipe_path, app, handle_errors
+from ..errors import UsageError
 
 
 @app.command("profile-layers", epilog="Example: ddaepp profile-layers imagenet256_rf_ditb_cond --candidates 8-11 --epochs 20 --json | jq .best")
@@ -27,15 +27,15 @@ def profile_layers(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (`best` is the chosen layer)."),
 ) -> None:
     """Short runs with self-conditioning at each candidate layer plus the baseline; the lowest final loss wins."""
-    from .profile import format_table, profile_layers as run_profile
-    from .recipe import load_recipe
+    from ..profile import format_table, profile_layers as run_profile
+    from ..recipe import load_recipe
 
-    rec = load_recipe(_resolve_recipe_path(recipe), list(set_))
+    rec = load_recipe(resolve_recipe_path(recipe), list(set_))
     folder = run_dir or Path("runs") / f"{rec.name}-profile"
     result = run_profile(rec, candidates, folder, steps=steps, epochs=epochs, window=window,
                          plot=plot or folder / "loss_curves.png")
     if json_out:
-        _emit_json(result)
+        emit_json(result)
     else:
         print(format_table(result), file=sys.stderr)
         print(result["best"])
@@ -65,8 +65,8 @@ def cache_latents(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
-    from .latents import cache_latents as run_cache
-    from .vae import KINDS, default_weights_path
+    from ..latents import cache_latents as run_cache
+    from ..vae import KINDS, default_weights_path
 
     if vae is None:
         if vae_kind is not None and vae_kind not in KINDS:
@@ -77,7 +77,7 @@ def cache_latents(
                        vae_kind=vae_kind, num_workers=num_workers, labels_file=labels, classes_from=classes)
     if json_out:
         if int(os.environ.get("RANK", "0")) == 0:
-            _emit_json(result)
+            emit_json(result)
     elif int(os.environ.get("RANK", "0")) == 0:
         print(f"cached {result['count']} images as {'×'.join(map(str, result['latent_shape']))} latents in "
               f"{result['num_shards']} shard(s) ({result['encoded_shards']} encoded, {result['skipped_shards']} kept): "
@@ -93,11 +93,11 @@ def export_digits(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Write scikit-learn's digits as an ImageNet-style class folder (train and val), to try the latent pipeline on a CPU."""
-    from .exportdigits import export_digits as run_export
+    from ..exportdigits import export_digits as run_export
 
     result = run_export(out, image_size=image_size)
     if json_out:
-        _emit_json(result)
+        emit_json(result)
     else:
         print(f"wrote {result['train']} train and {result['val']} val digits ({image_size}×{image_size} RGB PNG) "
               f"to {result['out']}", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""What every command module shares: the Typer `app`, error handling (one line, the documented exit code),
+JSON output and recipe look-up. Command modules import this; nothing here imports them."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from ..errors import DdaeppError, UsageError
+
+
+def _help_as_flag(option):
+    if option is not None and getattr(option, "metavar", None) is None:
+        option.metavar = ""  # `-h, --help` shows as a flag, not `<bool>` (see _show_flags_as_flags)
+    return option
+
+
+class FlagHelpCommand(TyperCommand):
+    def get_help_option(self, ctx):
+        return _help_as_flag(super().get_help_option(ctx))
+
+
+class FlagHelpGroup(TyperGroup):
+    def get_help_option(self, ctx):
+        return _help_as_flag(super().get_help_option(ctx))
+
+
+app = typer.Typer(
+    name="ddaepp",
+    cls=FlagHelpGroup,
+    help="Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _shipped_recipes() -> Path:
+    from ..recipe import shipped_recipes_dir
+
+    return shipped_recipes_dir()
+
+
+RECIPES_DIR = _shipped_recipes()  # recipes/ of a checkout, or the copy installed in the package
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"ddaepp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, metavar="",
+                                 help="Print the version and exit."),
+) -> None:
+    """Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA)."""
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def handle_errors(fn):
+    """One clear line and the documented exit code for user-fixable problems; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DdaeppError as e:
+            if int(os.environ.get("RANK", "0")) == 0 or e.exit_code != 2:
+                print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130)
+        except OSError as e:  # a user-given path that cannot be used (`--run-dir a_file/sub`, `/proc/x`)
+            if e.filename is None:
+                raise
+            where = f"{e.filename} → {e.filename2}" if e.filename2 else str(e.filename)
+            print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A path, or the name of a shipped recipe (`cifar10_edm_ddpmpp`)."""
+    p = Path(recipe)
+    if p.exists():
+        return p
+    for cand in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
+        if cand.is_file():
+            return cand
+    raise UsageError(f"recipe not found: {recipe} (a YAML path, or a shipped recipe name; see `ddaepp recipes`)")

@@ -1,0 +1,226 @@
+"""`ddaepp train`, `sample`, `recipes` and `info`: training, generation and what a run holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import UsageError
+from . import base
+from .base import app, emit_json, handle_errors, resolve_recipe_path
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: ddaepp train recipes/quickstart.yaml --run-dir runs/quick")
+@handle_errors
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML (or a shipped recipe name)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default runs/<recipe name>). Re-running resumes."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=2e-4 (repeatable, YAML values)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Shortcut for --set train.seed=N."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, parameter counts and batch plan; train nothing."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="With --dry-run: plan for this many processes."),
+    allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change", help="Resume a run folder whose stored recipe differs."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Train a model from a recipe (resumes exactly when the run folder already has checkpoints)."""
+    from ..recipe import load_recipe
+    from ..runlock import run_lock
+    from ..train import dry_run as plan_run, train as run_train
+
+    overrides = list(set_) + ([f"train.seed={seed}"] if seed is not None else [])
+    rec = load_recipe(resolve_recipe_path(recipe), overrides)
+    if max_steps is not None and max_steps <= 0:
+        raise UsageError(f"--max-steps must be positive, got {max_steps}")
+    if num_processes is not None and num_processes <= 0:
+        raise UsageError(f"--num-processes must be positive, got {num_processes}")
+    if dry_run:
+        world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+        out = plan_run(rec, world, max_steps)
+        if json_out:
+            emit_json(out)
+        else:
+            _print_plan(out)
+        return
+    run_dir = run_dir or Path("runs") / rec.name
+    with run_lock(run_dir):  # one writer per run folder: a second `train` exits 2 (runlock.py)
+        result = run_train(rec, run_dir, max_steps=max_steps, allow_recipe_change=allow_recipe_change)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if json_out:
+            emit_json(result)
+        elif result["step"] > result["total_steps"]:
+            limit = f"--max-steps {max_steps}" if max_steps is not None else f"the recipe's {result['total_steps']} steps"
+            print(f"nothing to train: {run_dir} is already at step {result['step']}, past {limit}; "
+                  f"latest checkpoint {result['checkpoint']}", file=sys.stderr)
+        else:
+            print(f"trained to step {result['step']}/{result['total_steps']}: {result['checkpoint']}", file=sys.stderr)
+
+
+def _print_plan(out: dict) -> None:
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(yaml.safe_dump(out["recipe"], sort_keys=False), markup=False, highlight=False)
+    table = Table(title=f"plan: {out['recipe']['name']}", show_header=False)
+    rows = [("parameters", f"{out['params']:,}"), ("trainable parameters", f"{out['trainable_params']:,}"),
+            ("training-only parameters", f"{out.get('aux_params', 0):,} (heads, projectors; not in the model)"),
+            ("dataset size", f"{out['dataset_size']:,}" if out["dataset_size"] else "unknown until loaded"),
+            ("processes", str(out["world_size"])), ("global batch", str(out["global_batch"])),
+            ("per-process batch", str(out["per_process_batch"])), ("micro-batch", str(out["micro_batch"])),
+            ("gradient accumulation", str(out["grad_accum"])),
+            ("steps per epoch", str(out["steps_per_epoch"])), ("total steps", str(out["total_steps"])),
+            ("warm-up steps", str(out["warmup_steps"]))]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: ddaepp sample runs/quickstart --n 64 --out samples/quick")
+@handle_errors
+def sample(
+    run_or_ckpt: str = typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors."),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of images (seeds 0..N-1)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seed range or list: 0-49999, 3,5,9."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (must not exist or be empty)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's/formulation's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the paper's)."),
+    weights: str = typer.Option("ema", "--weights", help="ema or raw."),
+    fmt: str = typer.Option("png,npz,grid", "--format", help="Comma list of png, npz, grid."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (results do not depend on it)."),
+    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x̂0 to [-1, 1] inside the sampler."),
+    force: bool = typer.Option(False, "--force", help="Replace an output folder written by an earlier `ddaepp sample` (nothing else)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, class-conditional models (default: the recipe's; 1 = none)."),
+    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
+    class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (default: class seed % num_classes)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Generate images with per-sample seeds (identical for any batch size or process count)."""
+    from ..sample import parse_formats, sample_command
+    from ..seeding import parse_seeds
+
+    if (n is None) == (seeds is None):
+        raise UsageError("give exactly one of --n N or --seeds A-B")
+    if n is not None and n <= 0:
+        raise UsageError(f"--n must be positive, got {n}")
+    seed_list = list(range(n)) if n is not None else parse_seeds(seeds)
+    result = sample_command(run_or_ckpt, seeds=seed_list, out=str(out) if out else None, sampler=sampler,
+                            steps=steps, weights=weights, formats=parse_formats(fmt), batch_size=batch_size,
+                            clip=clip, force=force, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                            class_label=class_label)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if json_out:
+            emit_json(result)
+        else:
+            print(f"wrote {result['n']} images to {result['out']}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# recipes, info
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: ddaepp recipes --json | jq '.[].name'")
+@handle_errors
+def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON array on stdout.")) -> None:
+    """List the shipped recipes with the paper row each reproduces."""
+    from ..recipe import load_recipe
+
+    rows = []
+    files = sorted(base.RECIPES_DIR.glob("*.yaml"))
+    if not files:
+        print(f"warning: no shipped recipes found in {base.RECIPES_DIR}; reinstall ddaepp (`pip install .` ships "
+              f"them in ddaepp_cli/recipes/) or pass a recipe file's path", file=sys.stderr)
+    for p in files:
+        header = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("# ").rstrip())
+        rec = load_recipe(p)
+        rows.append({"name": p.stem, "path": str(p), "backbone": rec.model.backbone,
+                     "formulation": rec.diffusion.formulation, "dataset": rec.data.dataset,
+                     "selfcond": rec.model.selfcond.layer, "about": header[0] if header else ""})
+    if json_out:
+        emit_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()  # 80 columns when piped (or $COLUMNS)
+    if console.width < 130:  # too narrow for the table: one block per recipe, the paper row wrapped
+        import textwrap
+
+        for r in rows:
+            about = r["about"].removeprefix("DDAE++ ")
+            print(f"{r['name']}  [{r['dataset']}, {r['formulation']}, {r['backbone']}, "
+                  f"self-cond {r['selfcond'] or '-'}]")
+            if about:
+                print(textwrap.fill(about, width=max(40, console.width), initial_indent="    ",
+                                    subsequent_indent="    "))
+        return
+    table = Table()
+    table.add_column("recipe", no_wrap=True)
+    for col in ("data", "form.", "backbone", "SC"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("reproduces")
+    for r in rows:
+        about = r["about"].removeprefix("DDAE++ ")
+        table.add_row(r["name"], r["dataset"], r["formulation"], r["backbone"], r["selfcond"] or "-", about)
+    console.print(table)
+
+
+@app.command(epilog="Example: ddaepp info runs/quickstart --json")
+@handle_errors
+def info(run_dir: Path = typer.Argument(..., help="A run folder."),
+         json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")) -> None:
+    """Summarise a run: recipe, checkpoints, last logged metrics."""
+    from ..checkpoint import checkpoint_recipe, list_checkpoints
+
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UsageError(f"{run_dir} is not a ddaepp run folder (no recipe.yaml)")
+    rec = checkpoint_recipe(run_dir)
+    last = None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if lines:
+            try:
+                last = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                last = None
+    out = {"run_dir": str(run_dir), "name": rec.name, "backbone": rec.model.backbone,
+           "formulation": rec.diffusion.formulation, "selfcond": rec.model.selfcond.layer,
+           "checkpoints": [{"step": s, "path": str(p)} for s, p in list_checkpoints(run_dir)],
+           "last_metrics": last}
+    if json_out:
+        emit_json(out)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {run_dir}", show_header=False)
+    for k, v in (("recipe", rec.name), ("backbone", rec.model.backbone), ("formulation", rec.diffusion.formulation),
+                 ("self-conditioning", rec.model.selfcond.layer or "-"),
+                 ("checkpoints", ", ".join(f"step {c['step']}" for c in out["checkpoints"]) or "none")):
+        table.add_row(k, str(v))
+    if last:
+        table.add_row("last logged", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in last.items()))
+    Console().print(table)
