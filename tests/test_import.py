@@ -385,11 +385,12 @@ def test_sit_repa_sra_time_and_velocity_conventions(tmp_path, family):
         torch.save(sd, src)  # SiT-XL-2-256x256.pt: the EMA state dict alone
     else:
         train_py_checkpoint(src, sd, R.sit_state_dict(seed=7), head=head)
-    code, err, out = cli("import", src, "--from", family, "--recipe", "imagenet256_sra_sitxl", "--out", tmp_path / "run",
-                         *DIT_SET, "--json")
+    code, err, out = cli("import", src, "--from", family, "--recipe", "imagenet256_sra_sitxl",
+                         "--out", tmp_path / "run", *DIT_SET, "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert res["recipe_overrides"] == ["sra.enabled=false"] + (["diffusion.net_convention=sit"] if family == "sit" else [])
+    sit_time = ["diffusion.net_convention=sit"] if family == "sit" else []
+    assert res["recipe_overrides"] == ["sra.enabled=false"] + sit_time
     recipe, net, _ = load_model(tmp_path / "run")
     f = build_formulation(recipe)
     s, x, t = 0.5, torch.randn(3, 4, 8, 8), torch.tensor([0.1, 0.5, 0.9])
@@ -406,12 +407,13 @@ def test_sit_repa_sra_time_and_velocity_conventions(tmp_path, family):
         torch.testing.assert_close(net(x, f.net_time(t), class_labels=y), theirs, atol=1e-5, rtol=1e-4)
     if family != "sit":
         name = next(iter(head))
-        reason = "REPA alignment projectors (projectors.*)" if family == "repa" else "SRA self-alignment head (ap_head.*)"
+        reason = {"repa": "REPA alignment projectors (projectors.*)", "sra": "SRA self-alignment head (ap_head.*)"}[family]
         assert res["dropped"] == {reason: 2, "optimizer state": 1, "training metadata": 2} and res["step"] == 400000
         assert json.loads((tmp_path / "run" / "import.json").read_text())["dropped"][reason] == [f"ema/{name}",
                                                                                              f"model/{name}"]
         _, raw_net, _ = load_model(tmp_path / "run", weights="raw")
-        assert torch.equal(raw_net.state_dict()["blocks.1.mlp.fc2.weight"], R.sit_state_dict(seed=7)["blocks.1.mlp.fc2.weight"])
+        key = "blocks.1.mlp.fc2.weight"
+        assert torch.equal(raw_net.state_dict()[key], R.sit_state_dict(seed=7)[key])
         assert "nothing converted" in res["conventions"][0]
     else:
         assert res["conventions"][0].startswith("time direction: SiT")
@@ -449,7 +451,7 @@ def test_dit_family_tampered_files_exit_2_with_one_line(tmp_path, family):
     learn = family == "dit"
     recipe = "imagenet256_sra_ditxl" if learn else "imagenet256_sra_sitxl"
     sd = R.sit_state_dict(learn_sigma=learn)
-    cases = {"missing.pt": (dict((k, v) for k, v in sd.items() if k != "blocks.1.attn.proj.bias"), "blocks.1.attn.proj.bias"),
+    cases = {"missing.pt": ({k: v for k, v in sd.items() if k != "blocks.1.attn.proj.bias"}, "blocks.1.attn.proj.bias"),
              "shape.pt": (dict(sd, **{"blocks.0.mlp.fc1.weight": torch.zeros(100, 64)}), "blocks.0.mlp.fc1.weight"),
              "extra.pt": (dict(sd, **{"blocks.2.attn.qkv.weight": torch.zeros(192, 64)}), "blocks.2.attn.qkv.weight"),
              "pos.pt": (dict(sd, pos_embed=R.mae_sincos_pos_embed(64, 4).flip(1)), "pos_embed"),

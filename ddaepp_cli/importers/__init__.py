@@ -7,12 +7,14 @@
       checkpoints/step-NNNNNNN/
         model.safetensors, ema.safetensors the mapped weights (metadata as `train` writes them)
         recipe.yaml
-      latents/                             latent families given --latent-stats/--vae: the statistics and
-                                           VAE identity that `sample` decodes with (no latents inside)
+      latents/                             latent families given --vae (with --latent-stats unless the recipe
+                                           has data.latent_scale): the VAE identity and statistics that
+                                           `sample` decodes with (no latents inside)
 
 The run has no `state.pt`: `sample`, `fid`, `probe`, `cka`, … read it; `train` cannot resume it.
-One module per family (ddae, uvit, lightningdit; sit for DiT, SiT, REPA and SRA) provides `extract` (file object → state dicts,
-drops) and `convert` (state dict → ddaepp keys); this driver checks, records and writes.
+One module per family (ddae, uvit, lightningdit; sit for DiT, SiT, REPA and SRA) provides `extract`
+(file object → state dicts, drops) and `convert` (state dict → ddaepp keys); this driver checks,
+records and writes.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def _latent_folder(recipe, out: Path, vae, latent_stats):
     if latent_stats is None and vae is None:
         how = "its VAE decodes samples" if scale is not None else "its statistics decode samples"
         give = "--vae" if scale is not None else "--latent-stats and --vae"
-        return recipe, f"data.root {recipe.data.root} (the recipe's latent cache: {how}; give {give} to use the checkpoint's own)"
+        return recipe, (f"data.root {recipe.data.root} (the recipe's latent cache: {how}; give {give} to use the "
+                        f"checkpoint's own)")
     if scale is not None and latent_stats is not None:
         raise UsageError(f"--latent-stats does not apply: the recipe scales latents by data.latent_scale {scale} "
                          f"(no per-channel statistics); give --vae alone")

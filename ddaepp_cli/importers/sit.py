@@ -123,9 +123,10 @@ def convert(sd, model: torch.nn.Module, path: Path) -> Mapped:
     cfg = model.config
     c, p = cfg["in_channels"], cfg["patch_size"]
     w = sd.get("final_layer.linear.weight")
-    if w is not None and w.ndim == 2 and w.shape[0] in (p * p * c, 2 * p * p * c) and w.shape[0] != model.out_channels * p * p:
-        learned = w.shape[0] == 2 * p * p * c
-        raise UsageError(f"{path}: final_layer.linear has {w.shape[0]} outputs = {p}²·{2 * c if learned else c}: the "
+    rows = w.shape[0] if w is not None and w.ndim == 2 else None
+    if rows in (p * p * c, 2 * p * p * c) and rows != model.out_channels * p * p:
+        learned = rows == 2 * p * p * c
+        raise UsageError(f"{path}: final_layer.linear has {rows} outputs = {p}²·{2 * c if learned else c}: the "
                          f"checkpoint was trained {'with' if learned else 'without'} learned Σ; set "
                          f"model.learn_sigma: {'true' if learned else 'false'} in the recipe")
     if "pos_embed" in sd:
