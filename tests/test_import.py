@@ -471,23 +471,29 @@ def test_dit_family_tampered_files_exit_2_with_one_line(tmp_path, family):
         assert not out.exists()
 
 
-def test_sample_on_imported_dit_run_decodes_with_its_vae(tmp_path):
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_sample_on_imported_dit_sit_run_decodes_with_its_vae(tmp_path, family):
     from test_latents import write_tiny_vae
 
     vae = tmp_path / "sd-vae-ft-ema.safetensors"
     write_tiny_vae(vae, z=4)  # 4 latent channels as SD-VAE
-    src = tmp_path / "DiT-B-2.pt"
-    torch.save(R.sit_state_dict(learn_sigma=True, seed=9), src)
-    args = ["import", src, "--from", "dit", "--recipe", "imagenet256_sra_ditxl", "--out", tmp_path / "run", *DIT_SET]
+    src = tmp_path / f"{family}-B-2.pt"
+    torch.save(R.sit_state_dict(learn_sigma=family == "dit", seed=9), src)
+    recipe = "imagenet256_sra_ditxl" if family == "dit" else "imagenet256_sra_sitxl"
+    args = ["import", src, "--from", family, "--recipe", recipe, "--out", tmp_path / "run", *DIT_SET,
+            "--set", "sample.cfg_channels=first3" if family == "dit" else "sample.cfg_channels=all"]
     code, err, _ = cli(*args, "--vae", vae, "--latent-stats", vae)
     assert code == 2 and len(err) == 1 and "give --vae alone" in err[0]
     code, err, out = cli(*args, "--vae", vae, "--json")
     assert code == 0, err
     res = json.loads(out)
     assert res["latents"]["latent_scale"] == 0.18215 and res["latents"]["vae"]["sha256"]
-    code, err, _ = cli("sample", tmp_path / "run", "--seeds", "0-1", "--steps", "2", "--out", tmp_path / "s",
-                       "--format", "png")
+    code, err, _ = cli("sample", tmp_path / "run", "--seeds", "0-1", "--steps", "3", "--cfg-scale", "1.5",
+                       "--out", tmp_path / "s", "--format", "png", "--json")
     assert code == 0, err
+    protocol = json.loads((tmp_path / "s" / "protocol.json").read_text())
+    assert protocol["sampler"] == ("ddpm" if family == "dit" else "sde") and protocol["cfg_scale"] == 1.5
+    assert protocol["cfg_channels"] == ("first3" if family == "dit" else "all")  # DiT forward_with_cfg: eps[:, :3]
     from PIL import Image
 
     assert Image.open(tmp_path / "s" / "000001.png").size == (32, 32)  # 8×8 latents through an f4 decoder
