@@ -440,6 +440,11 @@ def test_sra_dit_checkpoint_imports_under_ddpm_with_learned_sigma(tmp_path):
     code, err, _ = cli("import", src, "--from", "sra", "--recipe", "imagenet256_sra_sitxl", "--out", tmp_path / "r2",
                        *DIT_SET)
     assert code == 2 and len(err) == 1 and "model.learn_sigma: true" in err[0]
+    # the reverse: a file without learned Σ under the DiT recipe
+    torch.save(R.sit_state_dict(), tmp_path / "plain.pt")
+    code, err, _ = cli("import", tmp_path / "plain.pt", "--from", "dit", "--recipe", "imagenet256_sra_ditxl",
+                       "--out", tmp_path / "r4", *DIT_SET)
+    assert code == 2 and len(err) == 1 and "model.learn_sigma: false" in err[0]
     # and a DiT file under an RF recipe is refused by formulation
     code, err, _ = cli("import", src, "--from", "dit", "--recipe", "imagenet256_sra_sitxl", "--out", tmp_path / "r3",
                        *DIT_SET)

@@ -110,8 +110,8 @@ def conventions_for(family: str):
                        "diffusion.net_convention = sit feeds 1 − t")
             out.append("velocity sign: SiT predicts data − noise = −(ε − x0); net_convention = sit negates it")
         else:
-            out.append(f"{family.upper()} trains x_t = (1 − t)·x + t·ε with target ε − x and feeds t "
-                       f"(loss.py interpolant 'linear'): ddaepp's RF convention, nothing converted")
+            out.append(f"time and velocity kept: {family.upper()} trains x_t = (1 − t)·x + t·ε with target ε − x "
+                       f"and feeds t (loss.py interpolant 'linear'), ddaepp's RF convention; nothing converted")
         if recipe.data.dataset == "latents":
             out.append(f"latents: SD-VAE z·{SD_VAE_SCALE} (data.latent_scale), no per-channel statistics")
         return out
