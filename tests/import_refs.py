@@ -9,6 +9,8 @@ nesting and forward semantics), independent of ddaepp's backbones and of its imp
   fc1/fc2, skip_linear, norm, decoder_pred, final_layer), with its forward.
 * `lightningdit_state_dict` — hustvl/LightningDiT models/lightningdit.py key names and shapes,
   including EVA's persistent RoPE tables, computed here as EVA's VisionRotaryEmbeddingFast does.
+* `sit_state_dict` / `dit_forward` — the original DiT (facebookresearch/DiT models.py) key names and
+  shapes, shared by SiT, REPA and SRA, and DiT's forward computed from the state dict.
 """
 
 from __future__ import annotations
@@ -307,17 +309,41 @@ def lightningdit_state_dict(*, width=64, depth=2, heads=2, in_ch=4, grid=4, patc
     return sd
 
 
-def sit_state_dict(*, width=64, depth=2, in_ch=4, grid=4, patch=2, num_classes=10, seed=0) -> dict[str, torch.Tensor]:
-    """Random tensors under the original SiT/DiT key names (timm PatchEmbed / Attention / Mlp)."""
+def mae_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """MAE util/pos_embed.py `get_2d_sincos_pos_embed` as DiT/SiT use it, (1, grid², dim): the first half of
+    the channels encodes the column (meshgrid(w, h), "w goes first"), the second the row; each half is
+    [sin, cos] over dim/4 frequencies 1/10000^(k/(dim/4))."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def one(pos):
+        a = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+
+    return torch.cat([one(cols), one(rows)], dim=1).float()[None]
+
+
+def sit_state_dict(*, width=64, depth=2, in_ch=4, grid=4, patch=2, num_classes=10, learn_sigma=False, seed=0,
+                   device="cpu") -> dict[str, torch.Tensor]:
+    """Random tensors under the original DiT/SiT key names (DiT models.py, SiT models.py, REPA models/sit.py,
+    SRA models/{sit,dit}.py: timm PatchEmbed / Attention / Mlp, affine-free LayerNorms, a label table with
+    the null-class row, the frozen sin-cos `pos_embed`); `learn_sigma` doubles the output channels (DiT).
+    `device="meta"` gives the layout without memory (`pos_embed` stays real: it is checked)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
+        if device == "meta":
+            return torch.empty(*shape, device="meta")
         return torch.randn(*shape, generator=g) * 0.05
 
+    out = patch * patch * in_ch * (2 if learn_sigma else 1)
     sd = {"x_embedder.proj.weight": r(width, in_ch, patch, patch), "x_embedder.proj.bias": r(width),
           "t_embedder.mlp.0.weight": r(width, 256), "t_embedder.mlp.0.bias": r(width),
           "t_embedder.mlp.2.weight": r(width, width), "t_embedder.mlp.2.bias": r(width),
-          "y_embedder.embedding_table.weight": r(num_classes + 1, width), "pos_embed": r(1, grid * grid, width)}
+          "y_embedder.embedding_table.weight": r(num_classes + 1, width),
+          "pos_embed": mae_sincos_pos_embed(width, grid)}
     for i in range(depth):
         b = f"blocks.{i}."
         sd.update({b + "attn.qkv.weight": r(3 * width, width), b + "attn.qkv.bias": r(3 * width),
@@ -325,10 +351,54 @@ def sit_state_dict(*, width=64, depth=2, in_ch=4, grid=4, patch=2, num_classes=1
                    b + "mlp.fc1.weight": r(4 * width, width), b + "mlp.fc1.bias": r(4 * width),
                    b + "mlp.fc2.weight": r(width, 4 * width), b + "mlp.fc2.bias": r(width),
                    b + "adaLN_modulation.1.weight": r(6 * width, width), b + "adaLN_modulation.1.bias": r(6 * width)})
-    sd.update({"final_layer.linear.weight": r(patch * patch * in_ch, width), "final_layer.linear.bias": r(patch * patch * in_ch),
+    sd.update({"final_layer.linear.weight": r(out, width), "final_layer.linear.bias": r(out),
                "final_layer.adaLN_modulation.1.weight": r(2 * width, width),
                "final_layer.adaLN_modulation.1.bias": r(2 * width)})
     return sd
+
+
+def dit_forward(sd: dict[str, torch.Tensor], x, t, y, *, heads: int, patch: int = 2) -> torch.Tensor:
+    """DiT.forward (DiT models.py; SiT/REPA/SRA the same) computed from its state dict in plain torch:
+    patch conv + pos_embed; c = MLP(256-d [cos, sin] sinusoid of t) + label row; adaLN-Zero blocks with
+    LayerNorm(no affine, eps 1e-6), softmax attention, tanh-GELU MLP; final adaLN + linear; unpatchify."""
+    b, c, hh, ww = x.shape
+    width = sd["x_embedder.proj.bias"].shape[0]
+    hd = width // heads
+
+    def lin(h, name):
+        return F.linear(h, sd[name + ".weight"], sd[name + ".bias"])
+
+    def ln(h):
+        return F.layer_norm(h, (width,), eps=1e-6)
+
+    def mod(h, shift, scale):
+        return h * (1 + scale[:, None]) + shift[:, None]
+
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    h = h + sd["pos_embed"]
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    a = t[:, None].float() * freqs[None]
+    temb = torch.cat([a.cos(), a.sin()], -1)
+    cvec = lin(F.silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    i = 0
+    while f"blocks.{i}.attn.qkv.weight" in sd:
+        p = f"blocks.{i}."
+        sh1, sc1, g1, sh2, sc2, g2 = lin(F.silu(cvec), p + "adaLN_modulation.1").chunk(6, dim=1)
+        z = mod(ln(h), sh1, sc1)
+        n = z.shape[1]
+        q, k, v = lin(z, p + "attn.qkv").reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        att = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(-1) @ v
+        h = h + g1[:, None] * lin(att.transpose(1, 2).reshape(b, n, width), p + "attn.proj")
+        z = mod(ln(h), sh2, sc2)
+        h = h + g2[:, None] * lin(F.gelu(lin(z, p + "mlp.fc1"), approximate="tanh"), p + "mlp.fc2")
+        i += 1
+    shift, scale = lin(F.silu(cvec), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    h = lin(mod(ln(h), shift, scale), "final_layer.linear")
+    co = h.shape[-1] // (patch * patch)
+    gh, gw = hh // patch, ww // patch
+    h = h.reshape(b, gh, gw, patch, patch, co)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(b, co, gh * patch, gw * patch)
 
 
 def lightningdit_forward(sd: dict[str, torch.Tensor], x, t, y, *, heads: int, patch: int = 1) -> torch.Tensor:

@@ -308,22 +308,200 @@ def test_lightningdit_convention_gaussian_oracle():
 
 
 # ------------------------------------------------------------------------------------------------
-# SRA / REPA / DiT / SiT: read and unwrapped; the backbone is issue 14's
+# DiT / SiT / REPA / SRA → dit_orig
 # ------------------------------------------------------------------------------------------------
 
+DIT_SET = ["--set", "model.width=64", "--set", "model.depth=2", "--set", "model.heads=2",
+           "--set", "model.num_classes=10", "--set", "data.image_size=8", "--set", "data.root=/nonexistent-latents"]
 
-@pytest.mark.parametrize("family,head,reason", [("repa", "projectors.0.0.weight", "REPA alignment projectors"),
-                                                 ("sra", "ap_head.fc1.weight", "SRA self-alignment head")])
-def test_repa_sra_read_heads_dropped_and_backbone_named(tmp_path, family, head, reason):
-    sd = R.sit_state_dict()
-    sd[head] = torch.randn(8, 64)
+
+def train_py_checkpoint(path: Path, ema: dict, raw: dict, *, head: dict | None = None, steps: int = 400000) -> None:
+    """REPA / SRA train.py: {'model', 'ema', 'opt', 'args', 'steps'}; the heads live in both networks."""
+    ema, raw = dict(ema), dict(raw)
+    for k, v in (head or {}).items():
+        ema[k], raw[k] = v, v + 1
     args = argparse.Namespace(model="SiT-B/2", proj_coeff=0.5, encoder_depth=4)
+    torch.save({"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "args": args,
+                "steps": steps}, path)
+
+
+def test_dit_import_maps_every_key_and_forward_equals_dit(tmp_path):
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.sample import load_model
+
+    sd = R.sit_state_dict(learn_sigma=True, seed=5)
+    src = tmp_path / "DiT-XL-2-256x256.pt"
+    torch.save(sd, src)  # DiT download.py: the released file is the EMA state dict alone
+    code, err, out = cli("import", src, "--from", "dit", "--recipe", "imagenet256_sra_ditxl", "--out", tmp_path / "run",
+                         *DIT_SET, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["recipe_overrides"] == ["sra.enabled=false"] and res["dropped"] == {}
+    assert res["mapped_tensors"] == len(sd) and "integer step 0..999" in res["conventions"][0]
+    recipe, net, _ = load_model(tmp_path / "run")
+    own = net.state_dict()
+    assert torch.equal(own["t_embedder.2.weight"], sd["t_embedder.mlp.2.weight"])
+    assert torch.equal(own["y_embedder.weight"], sd["y_embedder.embedding_table.weight"])  # 11 rows: null class last
+    f = build_formulation(recipe)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 400, 1000]), torch.tensor([1, 7, 10])
+    with torch.no_grad():
+        theirs = R.dit_forward(sd, x, t - 1, y, heads=2)  # DiT: the integer step 0..999
+        pred = f.predict(net, x, t, class_labels=y)
+        torch.testing.assert_close(pred.eps, theirs[:, :4], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pred.var_frac, (theirs[:, 4:] + 1) / 2, atol=1e-5, rtol=1e-4)  # improved DDPM v
+        # negative control: the fraction t/T that DDAE's UNets embed gives another ε
+        assert not torch.allclose(net(x, t / 1000.0, class_labels=y)[:, :4], theirs[:, :4], atol=1e-3)
+        # class_labels=None is DiT's null class (row num_classes)
+        torch.testing.assert_close(net(x, t - 1.0), R.dit_forward(sd, x, t - 1, torch.full((3,), 10), heads=2),
+                                   atol=1e-5, rtol=1e-4)
+
+
+class GaussianOracleREPA(torch.nn.Module):
+    """REPA/SRA's exact velocity for Gaussian data N(0, s²): x_t = (1 − t)·x + t·ε (t = 0 is data),
+    E[ε − x | x_t] = (t − (1 − t)·s²) / ((1 − t)²·s² + t²) · x_t."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s2 = s * s
+
+    def forward(self, x, t, class_labels=None, aug_label=None):
+        t = t.double().reshape(-1, 1, 1, 1)
+        return ((t - (1 - t) * self.s2) / ((1 - t) ** 2 * self.s2 + t**2) * x.double()).float()
+
+
+@pytest.mark.parametrize("family", ["sit", "repa", "sra"])
+def test_sit_repa_sra_time_and_velocity_conventions(tmp_path, family):
+    """SiT runs t = 1 at data and predicts data − noise; REPA and SRA-SiT run ddaepp's direction. Each import
+    records its convention, and the formulation it builds recovers the exact posterior mean from the oracle
+    written in the family's own convention (and not from the other family's)."""
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.sample import load_model
+
+    sd = R.sit_state_dict(seed=6)
+    src = tmp_path / "ckpt.pt"
+    head = {"repa": {"projectors.0.0.weight": torch.randn(8, 64)},
+            "sra": {"ap_head.linear1.weight": torch.randn(128, 64)}}.get(family)
+    if family == "sit":
+        torch.save(sd, src)  # SiT-XL-2-256x256.pt: the EMA state dict alone
+    else:
+        train_py_checkpoint(src, sd, R.sit_state_dict(seed=7), head=head)
+    code, err, out = cli("import", src, "--from", family, "--recipe", "imagenet256_sra_sitxl",
+                         "--out", tmp_path / "run", *DIT_SET, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    sit_time = ["diffusion.net_convention=sit"] if family == "sit" else []
+    assert res["recipe_overrides"] == ["sra.enabled=false"] + sit_time
+    recipe, net, _ = load_model(tmp_path / "run")
+    f = build_formulation(recipe)
+    s, x, t = 0.5, torch.randn(3, 4, 8, 8), torch.tensor([0.1, 0.5, 0.9])
+    var = ((1 - t) ** 2 * s * s + t**2).reshape(-1, 1, 1, 1)
+    x0_true = ((1 - t).reshape(-1, 1, 1, 1) * s * s / var) * x
+    own, other = (GaussianOracleLDiT(s), GaussianOracleREPA(s)) if family == "sit" else \
+        (GaussianOracleREPA(s), GaussianOracleLDiT(s))
+    torch.testing.assert_close(f.predict(own, x, t).x0, x0_true, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(f.predict(other, x, t).x0, x0_true, atol=1e-2)
+    # the imported network is the family's forward at the time the family feeds it
+    y = torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        theirs = R.dit_forward(sd, x, 1 - t if family == "sit" else t, y, heads=2)
+        torch.testing.assert_close(net(x, f.net_time(t), class_labels=y), theirs, atol=1e-5, rtol=1e-4)
+    if family != "sit":
+        name = next(iter(head))
+        reason = {"repa": "REPA alignment projectors (projectors.*)", "sra": "SRA self-alignment head (ap_head.*)"}[family]
+        assert res["dropped"] == {reason: 2, "optimizer state": 1, "training metadata": 2} and res["step"] == 400000
+        assert json.loads((tmp_path / "run" / "import.json").read_text())["dropped"][reason] == [f"ema/{name}",
+                                                                                             f"model/{name}"]
+        _, raw_net, _ = load_model(tmp_path / "run", weights="raw")
+        key = "blocks.1.mlp.fc2.weight"
+        assert torch.equal(raw_net.state_dict()[key], R.sit_state_dict(seed=7)[key])
+        assert "nothing converted" in res["conventions"][0]
+    else:
+        assert res["conventions"][0].startswith("time direction: SiT")
+
+
+def test_sra_dit_checkpoint_imports_under_ddpm_with_learned_sigma(tmp_path):
+    from ddaepp_cli.build import build_formulation
+    from ddaepp_cli.sample import load_model
+
+    sd = R.sit_state_dict(learn_sigma=True, seed=8)
     src = tmp_path / "0400000.pt"
-    torch.save({"model": sd, "ema": sd, "opt": {"state": {}, "param_groups": []}, "args": args, "steps": 400000}, src)
-    code, err, _ = cli("import", src, "--from", family, "--recipe", "imagenet256_rf_ditb_cond", "--out", tmp_path / "r")
-    assert code == 2 and len(err) == 1
-    assert "issue 14" in err[0] and f"2 dropped: {reason}" in err[0] and f"{len(sd) - 1} network tensors" in err[0]
-    assert not (tmp_path / "r").exists()
+    train_py_checkpoint(src, sd, sd, head={"ap_head.linear1.weight": torch.randn(128, 64),
+                                           "ap_head.linear2.bias": torch.randn(64)})
+    code, err, out = cli("import", src, "--from", "sra", "--recipe", "imagenet256_sra_ditxl", "--out", tmp_path / "run",
+                         *DIT_SET, "--json")
+    assert code == 0, err
+    assert json.loads(out)["dropped"]["SRA self-alignment head (ap_head.*)"] == 4
+    recipe, net, _ = load_model(tmp_path / "run")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 999]), torch.tensor([2, 5])
+    with torch.no_grad():
+        eps = build_formulation(recipe).predict(net, x, t, class_labels=y).eps
+        torch.testing.assert_close(eps, R.dit_forward(sd, x, t - 1, y, heads=2)[:, :4], atol=1e-5, rtol=1e-4)
+    # the same file under the SiT recipe (no learned Σ) names the setting to change
+    code, err, _ = cli("import", src, "--from", "sra", "--recipe", "imagenet256_sra_sitxl", "--out", tmp_path / "r2",
+                       *DIT_SET)
+    assert code == 2 and len(err) == 1 and "model.learn_sigma: true" in err[0]
+    # the reverse: a file without learned Σ under the DiT recipe
+    torch.save(R.sit_state_dict(), tmp_path / "plain.pt")
+    code, err, _ = cli("import", tmp_path / "plain.pt", "--from", "dit", "--recipe", "imagenet256_sra_ditxl",
+                       "--out", tmp_path / "r4", *DIT_SET)
+    assert code == 2 and len(err) == 1 and "model.learn_sigma: false" in err[0]
+    # and a DiT file under an RF recipe is refused by formulation
+    code, err, _ = cli("import", src, "--from", "dit", "--recipe", "imagenet256_sra_sitxl", "--out", tmp_path / "r3",
+                       *DIT_SET)
+    assert code == 2 and len(err) == 1 and "diffusion.formulation" in err[0]
+
+
+@pytest.mark.parametrize("family", ["dit", "sit", "repa", "sra"])
+def test_dit_family_tampered_files_exit_2_with_one_line(tmp_path, family):
+    learn = family == "dit"
+    recipe = "imagenet256_sra_ditxl" if learn else "imagenet256_sra_sitxl"
+    sd = R.sit_state_dict(learn_sigma=learn)
+    cases = {"missing.pt": ({k: v for k, v in sd.items() if k != "blocks.1.attn.proj.bias"}, "blocks.1.attn.proj.bias"),
+             "shape.pt": (dict(sd, **{"blocks.0.mlp.fc1.weight": torch.zeros(100, 64)}), "blocks.0.mlp.fc1.weight"),
+             "extra.pt": (dict(sd, **{"blocks.2.attn.qkv.weight": torch.zeros(192, 64)}), "blocks.2.attn.qkv.weight"),
+             "pos.pt": (dict(sd, pos_embed=R.mae_sincos_pos_embed(64, 4).flip(1)), "pos_embed"),
+             "labels.pt": (dict(sd, **{"y_embedder.embedding_table.weight": torch.zeros(10, 64)}),
+                           "y_embedder.embedding_table.weight")}
+    for name, (obj, needle) in cases.items():
+        if family in ("repa", "sra"):
+            train_py_checkpoint(tmp_path / name, obj, obj)
+        else:
+            torch.save(obj, tmp_path / name)
+    torch.save({"model": sd, "ema": sd, "opt": NotWeights(), "args": None}, tmp_path / "pickle.pt")
+    cases["pickle.pt"] = (None, "arbitrary unpickling")
+    for name, (_, needle) in cases.items():
+        out = tmp_path / f"run-{name}"
+        code, err, _ = cli("import", tmp_path / name, "--from", family, "--recipe", recipe, "--out", out, *DIT_SET)
+        assert code == 2 and len(err) == 1 and needle in err[0], (name, err)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["dit", "sit"])
+def test_sample_on_imported_dit_sit_run_decodes_with_its_vae(tmp_path, family):
+    from test_latents import write_tiny_vae
+
+    vae = tmp_path / "sd-vae-ft-ema.safetensors"
+    write_tiny_vae(vae, z=4)  # 4 latent channels as SD-VAE
+    src = tmp_path / f"{family}-B-2.pt"
+    torch.save(R.sit_state_dict(learn_sigma=family == "dit", seed=9), src)
+    recipe = "imagenet256_sra_ditxl" if family == "dit" else "imagenet256_sra_sitxl"
+    args = ["import", src, "--from", family, "--recipe", recipe, "--out", tmp_path / "run", *DIT_SET,
+            "--set", "sample.cfg_channels=first3" if family == "dit" else "sample.cfg_channels=all"]
+    code, err, _ = cli(*args, "--vae", vae, "--latent-stats", vae)
+    assert code == 2 and len(err) == 1 and "give --vae alone" in err[0]
+    code, err, out = cli(*args, "--vae", vae, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["latents"]["latent_scale"] == 0.18215 and res["latents"]["vae"]["sha256"]
+    code, err, _ = cli("sample", tmp_path / "run", "--seeds", "0-1", "--steps", "3", "--cfg-scale", "1.5",
+                       "--out", tmp_path / "s", "--format", "png", "--json")
+    assert code == 0, err
+    protocol = json.loads((tmp_path / "s" / "protocol.json").read_text())
+    assert protocol["sampler"] == ("ddpm" if family == "dit" else "sde") and protocol["cfg_scale"] == 1.5
+    assert protocol["cfg_channels"] == ("first3" if family == "dit" else "all")  # DiT forward_with_cfg: eps[:, :3]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "000001.png").size == (32, 32)  # 8×8 latents through an f4 decoder
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,19 +569,6 @@ def test_lightningdit_latent_import_samples_with_its_stats_and_vae(diffusers_vae
     assert Image.open(tmp_path / "s" / "000001.png").size == (16, 16)  # 4×4 latents through an f4 decoder
 
 
-@pytest.mark.parametrize("family", ["dit", "sit", "sra"])
-def test_released_dit_sit_state_dicts_name_the_missing_backbone(tmp_path, family):
-    sd = R.sit_state_dict()
-    if family == "sra":
-        sd["ap_head.fc2.weight"] = torch.randn(64, 128)
-    src = tmp_path / f"{family}-B-2.pt"
-    torch.save(sd, src)  # released files: the EMA state dict alone
-    code, err, _ = cli("import", src, "--from", family, "--recipe", "imagenet256_rf_ditb_cond", "--out", tmp_path / "r")
-    assert code == 2 and len(err) == 1 and f"--from {family} needs the original DiT/SiT backbone of issue 14" in err[0]
-    assert f"{len(R.sit_state_dict())} network tensors" in err[0]
-    assert ("1 dropped: SRA self-alignment head" in err[0]) == (family == "sra")
-
-
 # ------------------------------------------------------------------------------------------------
 # The real layouts at their published sizes (meta device: shapes and names, no memory)
 # ------------------------------------------------------------------------------------------------
@@ -414,6 +579,8 @@ def test_released_dit_sit_state_dicts_name_the_missing_backbone(tmp_path, family
     ("ddae", "cifar10_edm_ddpmpp", lambda: R.DDAEUNet(128, (2, 2, 2), (False, True, False), 4, biggan=True), 56_524_291),
     ("uvit", "cifar10_ddpm_uvit", lambda: R.UViT(32, 2, 512, 12, 8), 44_255_328),
     ("lightningdit", "imagenet256_rf_ditxl_cond", None, 675_256_736),
+    ("dit", "imagenet256_sra_ditxl", "dit", 675_129_632),  # DiT-XL/2 with learned Σ (DiT README)
+    ("sit", "imagenet256_sra_sitxl", "sit", 675_111_184),  # SiT-XL/2
 ])
 def test_published_sizes_map_completely(tmp_path, family, recipe, make, params):
     from ddaepp_cli.build import build_backbone
@@ -426,7 +593,10 @@ def test_published_sizes_map_completely(tmp_path, family, recipe, make, params):
     fam = FAMILIES[family]
     rec = replace(rec, fam.overrides(rec))
     model = build_backbone(rec, device="meta")
-    if make is None:
+    if make in ("dit", "sit"):
+        sd = R.sit_state_dict(width=1152, depth=28, in_ch=4, grid=16, num_classes=1000, learn_sigma=make == "dit",
+                              device="meta")
+    elif make is None:
         sd = R.lightningdit_state_dict(width=1152, depth=28, heads=16, in_ch=32, grid=16, num_classes=1000, device="meta")
     else:
         with torch.device("meta"):

@@ -7,12 +7,14 @@
       checkpoints/step-NNNNNNN/
         model.safetensors, ema.safetensors the mapped weights (metadata as `train` writes them)
         recipe.yaml
-      latents/                             latent families given --latent-stats/--vae: the statistics and
-                                           VAE identity that `sample` decodes with (no latents inside)
+      latents/                             latent families given --vae (with --latent-stats unless the recipe
+                                           has data.latent_scale): the VAE identity and statistics that
+                                           `sample` decodes with (no latents inside)
 
 The run has no `state.pt`: `sample`, `fid`, `probe`, `cka`, … read it; `train` cannot resume it.
-One module per family (ddae, uvit, lightningdit, sit) provides `extract` (file object → state dicts,
-drops) and `convert` (state dict → ddaepp keys); this driver checks, records and writes.
+One module per family (ddae, uvit, lightningdit; sit for DiT, SiT, REPA and SRA) provides `extract`
+(file object → state dicts, drops) and `convert` (state dict → ddaepp keys); this driver checks,
+records and writes.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -43,8 +45,6 @@ class Family:
     convert: Callable[..., Mapped]
     overrides: Callable[..., list[str]]
     conventions: Callable[..., list[str]]
-    needs: Optional[str] = None  # a missing backbone: the import exits 2 naming it
-    available: Callable[[], bool] = field(default=lambda: True)
 
 
 FAMILIES: dict[str, Family] = {
@@ -56,11 +56,9 @@ FAMILIES: dict[str, Family] = {
                            lightningdit.extract, lightningdit.convert, lightningdit.recipe_overrides,
                            lambda r: list(lightningdit.CONVENTIONS)),
 }
-for _name, (_published, _, _) in sit.FAMILIES.items():
-    FAMILIES[_name] = Family(_name, _published, (), ("rf",) if _name != "dit" else ("ddpm",),
-                             sit.extract_for(_name), sit.convert, lambda r: [], lambda r: [],
-                             needs=sit.BACKBONE_ISSUE, available=sit.backbone_available)
-
+for _name, (_published, _, _, _forms) in sit.FAMILIES.items():
+    FAMILIES[_name] = Family(_name, _published, sit.BACKBONES, _forms, sit.extract_for(_name), sit.convert,
+                             sit.overrides_for(_name), sit.conventions_for(_name))
 
 def import_checkpoint(source: str | os.PathLike, *, family: str, recipe, out: str | os.PathLike,
                       weights: str = "ema", vae: str | os.PathLike | None = None,
@@ -75,13 +73,8 @@ def import_checkpoint(source: str | os.PathLike, *, family: str, recipe, out: st
     fam = FAMILIES[family]
     path, out = Path(source), Path(out)
     _check_out(out)
-    src = read_source(path)  # before the backbone check: a refused pickle is refused whatever the family
+    src = read_source(path)
     source_ = fam.extract(src, path, weights)
-    if not fam.available():
-        dropped = "; ".join(f"{len(v)} dropped: {k}" for k, v in source_.dropped.items())
-        raise UsageError(f"--from {family} needs {fam.needs}, which this ddaepp does not have yet "
-                         f"({path.name} read: {_count(source_)} network tensors" + (f"; {dropped}" if dropped else "")
-                         + ")")
     overrides = fam.overrides(recipe)
     recipe = replace(recipe, overrides) if overrides else recipe
     if recipe.model.backbone not in fam.backbones:
@@ -138,48 +131,62 @@ def import_checkpoint(source: str | os.PathLike, *, family: str, recipe, out: st
     return record
 
 
-def _count(src: Source) -> int:
-    return len(src.ema or src.raw or {})
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not empty; ddaepp import writes a new run folder only")
 
 
 def _latent_folder(recipe, out: Path, vae, latent_stats):
-    """Point a latent recipe at the statistics and VAE the imported network was trained with."""
+    """Point a latent recipe at the VAE (and the statistics) the imported network was trained with.
+
+    Recipes with per-channel statistics (LightningDiT) take --latent-stats and --vae together; recipes with
+    a fixed `data.latent_scale` (DiT/SiT/REPA/SRA: z·0.18215) take --vae alone."""
     from ..recipe import replace
 
+    scale = recipe.data.latent_scale
     if latent_stats is None and vae is None:
-        return recipe, (f"data.root {recipe.data.root} (the recipe's latent cache: its statistics decode samples; "
-                        f"give --latent-stats and --vae to use the checkpoint's own)")
-    if latent_stats is None or vae is None:
+        how = "its VAE decodes samples" if scale is not None else "its statistics decode samples"
+        give = "--vae" if scale is not None else "--latent-stats and --vae"
+        return recipe, (f"data.root {recipe.data.root} (the recipe's latent cache: {how}; give {give} to use the "
+                        f"checkpoint's own)")
+    if scale is not None and latent_stats is not None:
+        raise UsageError(f"--latent-stats does not apply: the recipe scales latents by data.latent_scale {scale} "
+                         f"(no per-channel statistics); give --vae alone")
+    if scale is None and (latent_stats is None or vae is None):
         raise UsageError("--latent-stats and --vae go together (the statistics and the VAE the network was "
                          "trained with)")
+    from ..build import dataset_geometry
     from ..latents import MANIFEST, STATS
     from ..vae import load_vae
 
-    mean, std = _read_stats(Path(latent_stats))
     v = load_vae(vae)
-    from ..build import dataset_geometry
-
     c = dataset_geometry(recipe.data)[0]  # the network's input channels
-    if mean.numel() != v.latent_channels or c != v.latent_channels:
-        raise UsageError(f"--latent-stats has {mean.numel()} channels and the VAE {v.latent_channels}; the recipe's "
-                         f"data.latent_channels is {c}: they must agree")
+    mean = std = None
+    if scale is None:
+        mean, std = _read_stats(Path(latent_stats))
+    if c != v.latent_channels or (mean is not None and mean.numel() != v.latent_channels):
+        have = f"--latent-stats has {mean.numel()} channels and " if mean is not None else ""
+        raise UsageError(f"{have}the VAE has {v.latent_channels} latent channels; the recipe's data.latent_channels "
+                         f"is {c}: they must agree")
     size = recipe.data.image_size or (16 if v.latent_channels == 32 else 32)
     folder = (out / "latents").resolve()
     recipe = replace(recipe, [f"data.root={folder}", f"data.vae={v.path.resolve()}", "data.image_size=null"])
     ident = v.identity()
     manifest = {"version": 1, "count": 0, "complete": False, "num_shards": 0, "shards": [], "shard_size": 0,
-                "latent_shape": [v.latent_channels, size, size], "stats": STATS,
-                "vae": {k: ident[k] for k in ("kind", "file", "file_name", "sha256")},
-                "stats_values": {"mean": mean.tolist(), "std": std.tolist()},
-                "note": f"statistics of {Path(latent_stats).name} (imported with the network; no latents here)"}
-    staged = {"manifest": (MANIFEST, manifest), "stats": (STATS, {"mean": mean, "std": std})}
-    return recipe, {"root": str(folder), "stats_file": Path(latent_stats).name, "stats_sha256": sha256(latent_stats),
-                    "vae": manifest["vae"], "_staged": staged}
+                "latent_shape": [v.latent_channels, size, size],
+                "vae": {k: ident[k] for k in ("kind", "file", "file_name", "sha256")}}
+    note = {"root": str(folder), "vae": manifest["vae"]}
+    staged = {"manifest": (MANIFEST, manifest)}
+    if mean is not None:
+        manifest.update(stats=STATS, stats_values={"mean": mean.tolist(), "std": std.tolist()},
+                        note=f"statistics of {Path(latent_stats).name} (imported with the network; no latents here)")
+        staged["stats"] = (STATS, {"mean": mean, "std": std})
+        note.update(stats_file=Path(latent_stats).name, stats_sha256=sha256(latent_stats))
+    else:
+        manifest["note"] = f"latents scaled by data.latent_scale {scale} (imported with the network; no latents here)"
+        note["latent_scale"] = scale
+    note["_staged"] = staged
+    return recipe, note
 
 
 def _read_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +226,9 @@ def _write_run(out: Path, recipe, raw_state: dict, ema_state: dict, record: dict
             (tmp / "latents").mkdir()
             name, manifest = staged["manifest"]
             (tmp / "latents" / name).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            name, stats = staged["stats"]
-            save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp / "latents" / name))
+            if "stats" in staged:
+                name, stats = staged["stats"]
+                save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp / "latents" / name))
         (tmp / "import.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty (checked before): replaced by the finished folder
