@@ -21,11 +21,11 @@ def import_cmd(
     out: Path = typer.Option(..., "--out", help="New run folder (must not exist or be empty)."),
     weights: str = typer.Option("ema", "--weights", help="ema: the file's EMA weights become ema.safetensors (raw weights, where present, model.safetensors); model: its raw weights become both."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Latent families: the VAE the network was trained with (LDM or diffusers layout)."),
-    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="Latent families: per-channel latent mean/std the network was trained with (LightningDiT latents_stats.pt)."),
+    latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="LightningDiT only: the per-channel latent mean/std it was trained with (latents_stats.pt); DiT/SiT/REPA/SRA use the fixed SD-VAE scale 0.18215."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set model.num_classes=1000 (repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Convert a DDAE / U-ViT / LightningDiT / SRA / REPA checkpoint into a run: keys, conventions, a source record."""
+    """Convert a DDAE / U-ViT / LightningDiT / DiT / SiT / REPA / SRA checkpoint into a run: keys, conventions, a source record."""
     from ..importers import import_checkpoint
     from ..recipe import load_recipe
 
