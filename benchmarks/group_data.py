@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ddaepp_cli.data import CIFAR10_CLASSES, BatchStream, load_dataset, random_hflip, to_model_range
-from ddaepp_cli.latents import MANIFEST, STATS, LatentDataset, shard_file
+from ddaepp_cli.data.latents import MANIFEST, STATS, LatentDataset, shard_file
 from report import Row
 from timing import time_interleaved
 

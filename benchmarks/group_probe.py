@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-import ddaepp_cli.probe as probe_module
-from ddaepp_cli.cka import cka_feature_space, cka_gram
+import ddaepp_cli.eval.probe as probe_module
+from ddaepp_cli.eval.cka import cka_feature_space, cka_gram
 from ddaepp_cli.data import InMemoryImages
 from ddaepp_cli.diffusion import build_formulation
-from ddaepp_cli.features import parse_times, precision_for
+from ddaepp_cli.eval.features import parse_times, precision_for
 from ddaepp_cli.nets import build_backbone
-from ddaepp_cli.probe import PROTOCOLS, run_bank
+from ddaepp_cli.eval.probe import PROTOCOLS, run_bank
 from report import Row
 
 
@@ -154,7 +154,7 @@ def bench_cka(n: int, d: int = 256) -> dict:
 def bench_latent_features(device: torch.device, quick: bool, batch: int | None = None, reps: int = 3) -> dict:
     """Seconds per batch: latent probe features (LiveFeatures, cached-mirror flips, noise) vs a forward."""
     from ddaepp_cli.nets.dit import build_dit
-    from ddaepp_cli.probe import LiveFeatures
+    from ddaepp_cli.eval.probe import LiveFeatures
 
     width, depth = (96, 4) if quick else (None, None)
     net = build_dit("B", in_channels=32, image_size=16, patch_size=1,
@@ -175,7 +175,7 @@ def bench_latent_features(device: torch.device, quick: bool, batch: int | None =
         return lambda: live.train_batch(pairs, 0)
 
     def forward():
-        from ddaepp_cli.features import autocast
+        from ddaepp_cli.eval.features import autocast
 
         with torch.inference_mode(), autocast(device, prec):
             net(pairs[:, 0], t_net)

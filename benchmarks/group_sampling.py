@@ -66,7 +66,7 @@ def run(ctx) -> list[Row]:
 
 
 def fid_rows(ctx) -> list[Row]:
-    from ddaepp_cli import inception
+    from ddaepp_cli.eval import inception
 
     b = ctx.fid_batch
     with tempfile.TemporaryDirectory() as tmp:

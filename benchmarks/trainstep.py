@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ddaepp_cli.build import backbone_kwargs, build_formulation, build_objective
-from ddaepp_cli.ema import EMA
+from ddaepp_cli.training.ema import EMA
 from ddaepp_cli.nets import build_backbone
 from ddaepp_cli.training.state import build_optimizer, effective_precision
 

@@ -33,7 +33,7 @@ def dataset_geometry(data: DataConfig) -> tuple[int, int, int | None]:
         ds = load_dataset("digits", split="train", image_size=data.image_size or DIGITS_DEFAULT_SIZE)
         return ds.channels, ds.image_size, len(ds)
     if data.dataset == "latents":  # cached VAE latents (latents.py): geometry from the manifest
-        from .latents import latent_geometry
+        from .data.latents import latent_geometry
 
         return latent_geometry(data)
     if data.dataset == "imagefolder":
@@ -53,7 +53,7 @@ def load_training_data(recipe: Recipe):
 
     d = recipe.data
     if d.dataset == "latents":
-        from .latents import LatentDataset
+        from .data.latents import LatentDataset
 
         return LatentDataset(d.root, image_size=d.image_size, scale=d.latent_scale)
     size = d.image_size or (DIGITS_DEFAULT_SIZE if d.dataset == "digits" else None)

@@ -124,7 +124,7 @@ def sampling_options(recipe: Recipe, model: torch.nn.Module, seeds: Sequence[int
         raise UsageError(f"--cfg-scale must be >= 0, got {scale}")
     decode = None
     if recipe.data.dataset == "latents":
-        from .latents import load_decoder
+        from .data.latents import load_decoder
 
         decode = load_decoder(recipe.data.root, device=device, vae=recipe.data.vae, scale=recipe.data.latent_scale)
     return dict(class_labels=class_labels_for(seeds, num_classes, class_label), cfg_scale=scale,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddaepp_cli.recipe import load_recipe
-from ddaepp_cli.train import dry_run, train
+from ddaepp_cli.training.train import dry_run, train
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

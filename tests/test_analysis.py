@@ -52,7 +52,7 @@ def test_noised_features_equal_the_training_loss_taps(name, t):
     """Same x0, t and ε: the probe's features are the ones `Formulation.loss` feeds through the net
     (EDM's c_in scaling and ln σ / 4 time included), from an early-exit forward."""
     from ddaepp_cli.diffusion import build_formulation
-    from ddaepp_cli.features import noised_features
+    from ddaepp_cli.eval.features import noised_features
     from ddaepp_cli.nets import build_backbone
 
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def test_noised_features_equal_the_training_loss_taps(name, t):
 def test_time_lists_follow_the_paper_conventions():
     from ddaepp_cli.diffusion import build_formulation
     from ddaepp_cli.errors import UsageError
-    from ddaepp_cli.features import DEFAULT_GRID, parse_times
+    from ddaepp_cli.eval.features import DEFAULT_GRID, parse_times
 
     edm = build_formulation("edm")
     times = parse_times(edm, None, default=DEFAULT_GRID["edm"])
@@ -94,7 +94,7 @@ def test_time_lists_follow_the_paper_conventions():
 
 
 def test_alignment_and_uniformity_match_their_definitions():
-    from ddaepp_cli.analysis import alignment, uniformity
+    from ddaepp_cli.eval.analysis import alignment, uniformity
 
     g = torch.Generator().manual_seed(0)
     f = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
@@ -136,7 +136,7 @@ def test_align_command_over_a_trajectory(checkpoints, tmp_path):
 
 
 def test_noise_levels_and_classifier_shape():
-    from ddaepp_cli.analysis import NoiseLevels, NoisyClassifier
+    from ddaepp_cli.eval.analysis import NoiseLevels, NoisyClassifier
     from ddaepp_cli.diffusion import build_formulation
 
     ddpm = NoiseLevels(build_formulation("ddpm"))
@@ -182,7 +182,7 @@ def test_noisy_classifier_command(tmp_path):
 
 
 def test_record_paths_and_atomic_writes(tmp_path):
-    from ddaepp_cli.evalrecord import new_record_path, run_folder, save_record
+    from ddaepp_cli.eval.evalrecord import new_record_path, run_folder, save_record
 
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000100"
     assert run_folder(ckpt) == tmp_path / "run"
@@ -203,7 +203,7 @@ def test_transformer_tokens_are_averaged_and_conditional_models_get_the_null_cla
     """A class-conditional DiT is probed with the null label (DDAE's DiT probe; DDAE++ App. B); its
     (B, N, D) block tokens are averaged over the tokens."""
     from ddaepp_cli.diffusion import build_formulation
-    from ddaepp_cli.features import network_inputs, noised_features
+    from ddaepp_cli.eval.features import network_inputs, noised_features
     from ddaepp_cli.nets import build_backbone
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ SMALL = TINY.replace("ch_mults: [1, 2]", "ch_mults: [1, 1]")
 def w(tmp_path_factory):
     """The workspace: a trained run, a bad checkpoint zoo, bad recipes, bad image folders."""
     from ddaepp_cli.recipe import load_recipe
-    from ddaepp_cli.train import train
+    from ddaepp_cli.training.train import train
 
     d = tmp_path_factory.mktemp("bad")
     (d / "small.yaml").write_text(SMALL)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from ddaepp_cli.cka import cka_feature_space, cka_gram, cka_matrix, linear_cka
+from ddaepp_cli.eval.cka import cka_feature_space, cka_gram, cka_matrix, linear_cka
 
 
 def reference_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -114,7 +114,7 @@ def two_checkpoints(tmp_path_factory):
 
 
 def test_cka_command_one_model_and_two(two_checkpoints, tmp_path):
-    from ddaepp_cli.cka import cka_command
+    from ddaepp_cli.eval.cka import cka_command
 
     a, b = two_checkpoints
     one = cka_command(str(a), layers="out_1-4", n=160, device="cpu")

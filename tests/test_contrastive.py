@@ -11,7 +11,7 @@ import torch
 
 from ddaepp_cli.build import build_backbone, build_formulation, build_objective, load_training_data
 from ddaepp_cli.data import to_model_range
-from ddaepp_cli.ema import EMA
+from ddaepp_cli.training.ema import EMA
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.losses.contrastive import ContrastiveHead, info_nce
 from ddaepp_cli.recipe import recipe_from_dict

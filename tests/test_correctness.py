@@ -12,7 +12,7 @@ import torch
 from ddaepp_cli.build import build_formulation
 from ddaepp_cli.checkpoint import latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
 from ddaepp_cli.recipe import load_recipe, recipe_from_dict
-from ddaepp_cli.train import make_plan, train
+from ddaepp_cli.training.train import make_plan, train
 from ddaepp_cli.training.state import TrainState
 from ddaepp_cli.training.step import train_step
 
@@ -241,7 +241,7 @@ def test_ddpm_sra_teacher_time_is_dit_sras():
 
 def test_training_grids_load_the_vae_once(tmp_path, monkeypatch):
     """Before: every sample grid of a latent run reloaded (and re-hashed) the VAE."""
-    from ddaepp_cli import latents
+    from ddaepp_cli.data import latents
     from test_latents import make_image_folder, write_tiny_vae
 
     monkeypatch.setenv("DDAEPP_CACHE", str(tmp_path / "cache-home"))

@@ -19,7 +19,7 @@ from ddaepp_cli.build import build_backbone, build_formulation, build_objective
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import build_backbone as build_net
 from ddaepp_cli.recipe import load_recipe
-from ddaepp_cli.train import dry_run, train
+from ddaepp_cli.training.train import dry_run, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -179,7 +179,7 @@ def test_sra_weight_zero_is_exactly_the_plain_step(name, tmp_path):
 
 @pytest.fixture(scope="module")
 def latent_cache(tmp_path_factory):
-    from ddaepp_cli import latents as L
+    from ddaepp_cli.data import latents as L
     from test_latents import make_image_folder, write_tiny_vae
 
     base = tmp_path_factory.mktemp("sra_lat")
@@ -192,7 +192,7 @@ def latent_cache(tmp_path_factory):
 
 def test_latent_scale_normalises_and_decodes_as_dit(latent_cache, tmp_path, monkeypatch):
     """`data.latent_scale`: model-space latents are z·scale (no statistics), and decoding divides by it."""
-    from ddaepp_cli import latents as L
+    from ddaepp_cli.data import latents as L
 
     monkeypatch.setenv("DDAEPP_CACHE", str(tmp_path))
     stats_ds, scaled_ds = L.LatentDataset(latent_cache), L.LatentDataset(latent_cache, scale=0.18215)

@@ -17,8 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import run_cli
-from ddaepp_cli import fid as F
-from ddaepp_cli import inception
+from ddaepp_cli.eval import fid as F
+from ddaepp_cli.eval import inception
 from ddaepp_cli.errors import UnavailableError, UsageError
 
 TINY_RGB = """\

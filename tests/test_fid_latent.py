@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ddaepp_cli import fid as F
-from ddaepp_cli import inception
+from ddaepp_cli.eval import fid as F
+from ddaepp_cli.eval import inception
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "imagenet256_rf_ditb_cond.yaml"
 SETS = ["data.num_workers=0", "model.width=32", "model.depth=2", "model.heads=2", "model.num_classes=2",
@@ -44,7 +44,7 @@ def make_latent_run(base: Path, steps=(1, 2)) -> dict:
     from test_latents import make_image_folder, write_tiny_vae
 
     from ddaepp_cli.checkpoint import save_checkpoint
-    from ddaepp_cli.latents import cache_latents
+    from ddaepp_cli.data.latents import cache_latents
     from ddaepp_cli.recipe import load_recipe
 
     vae = base / "tiny-vae.safetensors"
@@ -147,7 +147,7 @@ def test_run_png_folder_and_npz_give_the_same_numbers(lat, tmp_path):
 
 
 def test_checkpoints_all_each_and_best_vae_loaded_once(lat, monkeypatch):
-    from ddaepp_cli import vae as V
+    from ddaepp_cli.data import vae as V
 
     calls = []
     real = V.load_vae

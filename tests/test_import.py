@@ -163,7 +163,7 @@ def test_ddae_tampered_files_exit_2_with_one_line(tmp_path):
 def test_sample_probe_fid_on_imported_ddae_run(ddae_edm, tmp_path):
     from test_data import write_cifar10
 
-    from ddaepp_cli import inception
+    from ddaepp_cli.eval import inception
 
     run = ddae_edm["run"]
     code, err, _ = cli("sample", run, "--seeds", "0-1", "--steps", "2", "--out", tmp_path / "s", "--format", "png")
@@ -513,7 +513,7 @@ def test_sample_on_imported_dit_sit_run_decodes_with_its_vae(tmp_path, family):
 def diffusers_vae(tmp_path_factory):
     from test_latents import write_tiny_vae
 
-    from ddaepp_cli.vae import load_vae
+    from ddaepp_cli.data.vae import load_vae
 
     root = tmp_path_factory.mktemp("vae")
     write_tiny_vae(root / "ldm.safetensors", extra_training_keys=False)
@@ -525,7 +525,7 @@ def diffusers_vae(tmp_path_factory):
 def test_diffusers_layout_vae_loads_like_the_ldm_file(diffusers_vae, tmp_path):
     import shutil
 
-    from ddaepp_cli.vae import load_vae
+    from ddaepp_cli.data.vae import load_vae
 
     root, ldm = diffusers_vae
     alone = tmp_path / "vae.safetensors"  # the weights file without its config.json: architecture from shapes

@@ -36,7 +36,7 @@ def cli(*args):
 
 def train_dit(cache: Path, run: Path, steps: int, extra=()) -> dict:
     from ddaepp_cli.recipe import load_recipe
-    from ddaepp_cli.train import train
+    from ddaepp_cli.training.train import train
 
     sets = [f"data.root={cache}", "data.num_workers=0", "train.batch_per_process=null", "train.precision=fp32",
             "train.compile=false", "train.log_every=50", f"train.checkpoint_every={max(1, steps // 2)}",
@@ -109,7 +109,7 @@ def test_labelled_caches_name_their_classes(pipeline):
     assert val["class_counts"] == [35, 36, 35, 36, 36, 36, 36, 35, 34, 36]  # sklearn's digits, every 5th per class
     assert train["labels_source"]["layout"] == "class folders"
     assert val["labels_source"]["layout"] == "flat + labels file" and "text" in val["labels_source"]["format"]
-    from ddaepp_cli.latentstore import LatentDataset
+    from ddaepp_cli.data.latentstore import LatentDataset
 
     ds = LatentDataset(pipeline / "lat_val", split="val", stats_root=pipeline / "lat")
     labels_from_files = [int(line.split()[1]) for line in (pipeline / "digits" / "val_labels.txt").read_text().split("\n")
@@ -118,7 +118,7 @@ def test_labelled_caches_name_their_classes(pipeline):
 
 
 def test_label_files_loc_csv_and_text(tmp_path):
-    from ddaepp_cli.labelfiles import labels_for
+    from ddaepp_cli.data.labelfiles import labels_for
 
     files = [str(tmp_path / f"ILSVRC2012_val_{i:08d}.JPEG") for i in (1, 2, 3)]
     classes = ["n01440764", "n01443537", "n01484850"]
@@ -213,7 +213,7 @@ def test_raw_latent_baseline_and_paper_defaults(pipeline):
     assert out["layers"] == ["latent"] and out["best"]["timestep"] == "clean" and out["cells"] == []
     assert out["test_accuracy"] > 0.4  # the flattened latent keeps the layout (measured 0.6 by sklearn)
     assert out["protocol"]["features_kind"].startswith("flattened clean latent")
-    from ddaepp_cli.latentprobe import latent_defaults
+    from ddaepp_cli.eval.latentprobe import latent_defaults
     from ddaepp_cli.recipe import load_recipe
 
     for size, lr in (("B", 2e-3), ("L", 1e-3)):
@@ -335,7 +335,7 @@ def test_class_conditional_dit_is_probed_with_the_null_label():
     """`probe`, `cka` and `segprobe` call the tap API without labels: a conditional DiT then reads the null
     class (row num_classes), as pixel runs do — not class 0, and not a real label."""
     from ddaepp_cli.build import build_formulation
-    from ddaepp_cli.features import noised_features
+    from ddaepp_cli.eval.features import noised_features
     from ddaepp_cli.nets.dit import build_dit
     from ddaepp_cli.recipe import load_recipe
 

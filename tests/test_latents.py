@@ -184,7 +184,7 @@ def write_tiny_vae(path: Path, *, seed: int = 0, extra_training_keys: bool = Tru
 
 
 def test_vavae_and_sdvae_parameter_counts_on_meta():
-    from ddaepp_cli.vae import KINDS, build_autoencoder
+    from ddaepp_cli.data.vae import KINDS, build_autoencoder
 
     vavae = build_autoencoder(KINDS["vavae"].config, device="meta")
     assert sum(p.numel() for p in vavae.parameters()) == 69_836_067 == KINDS["vavae"].params
@@ -202,7 +202,7 @@ def test_vavae_and_sdvae_parameter_counts_on_meta():
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_ldm_checkpoint_loads_strictly_and_matches_the_reference(tmp_path, suffix):
-    from ddaepp_cli.vae import kind_of, load_vae
+    from ddaepp_cli.data.vae import kind_of, load_vae
 
     path = tmp_path / f"tiny{suffix}"
     ref = write_tiny_vae(path)
@@ -222,7 +222,7 @@ def test_ldm_checkpoint_loads_strictly_and_matches_the_reference(tmp_path, suffi
 
 
 def test_vae_load_errors(tmp_path):
-    from ddaepp_cli.vae import load_vae
+    from ddaepp_cli.data.vae import load_vae
 
     with pytest.raises(UnavailableError, match="vavae-imagenet256-f16d32-dinov2.pt.*hustvl/vavae-imagenet256"):
         load_vae(tmp_path / "nope.pt", kind="vavae")
@@ -276,10 +276,10 @@ def tiny(tmp_path_factory):
 
 
 def test_cache_latents_shards_stats_and_resume(tiny, tmp_path, monkeypatch):
-    from ddaepp_cli import latents as L
-    from ddaepp_cli.imageio import center_crop_resize
+    from ddaepp_cli.data import latents as L
+    from ddaepp_cli.data.imageio import center_crop_resize
     from ddaepp_cli.seeding import per_sample_randn
-    from ddaepp_cli.vae import VAE
+    from ddaepp_cli.data.vae import VAE
 
     _, images, vae_path, ref = tiny
     out = tmp_path / "cache"
@@ -355,7 +355,7 @@ def test_cache_latents_shards_stats_and_resume(tiny, tmp_path, monkeypatch):
 
 
 def test_cache_latents_is_independent_of_batch_size(tiny, tmp_path):
-    from ddaepp_cli import latents as L
+    from ddaepp_cli.data import latents as L
 
     _, images, vae_path, _ = tiny
     a = L.cache_latents(images, vae_path, tmp_path / "a", image_size=32, batch_size=8, shard_size=8, num_workers=0)
@@ -371,7 +371,7 @@ def test_a_tampered_manifest_is_refused(tiny, tmp_path, tamper):
     """A manifest may only name its own shard files: it can never make ddaepp read outside the cache."""
     import json
 
-    from ddaepp_cli import latents as L
+    from ddaepp_cli.data import latents as L
     from ddaepp_cli.errors import UsageError
 
     _, images, vae_path, _ = tiny
@@ -429,7 +429,7 @@ def test_end_to_end_cache_train_sample(tiny, tmp_path, monkeypatch):
 
     from ddaepp_cli.cli import app
     from ddaepp_cli.recipe import load_recipe
-    from ddaepp_cli.train import train
+    from ddaepp_cli.training.train import train
 
     _, images, vae_path, _ = tiny
     monkeypatch.setenv("DDAEPP_CACHE", str(tmp_path / "ddaepp-cache"))
@@ -479,7 +479,7 @@ def test_end_to_end_cache_train_sample(tiny, tmp_path, monkeypatch):
 
 
 def test_decoder_vae_path_resolution(tmp_path, monkeypatch):
-    from ddaepp_cli.latents import resolve_vae_path
+    from ddaepp_cli.data.latents import resolve_vae_path
 
     monkeypatch.setenv("DDAEPP_CACHE", str(tmp_path))
     manifest = {"vae": {"kind": "vavae", "file": str(tmp_path / "gone.pt"), "file_name": "gone.pt", "sha256": "ab" * 32}}
@@ -496,7 +496,7 @@ def test_decoder_vae_path_resolution(tmp_path, monkeypatch):
 
 KILLABLE = """
 import sys, time
-from ddaepp_cli.vae import VAE
+from ddaepp_cli.data.vae import VAE
 real = VAE.encode_moments
 VAE.encode_moments = lambda self, x: (time.sleep(0.4), real(self, x))[1]  # slow enough to be killed mid-run
 from ddaepp_cli.cli import main
@@ -510,8 +510,8 @@ def test_killed_cache_latents_resumes_without_reencoding(tiny, tmp_path, monkeyp
     import signal
     import time
 
-    from ddaepp_cli import latents as L
-    from ddaepp_cli.vae import VAE
+    from ddaepp_cli.data import latents as L
+    from ddaepp_cli.data.vae import VAE
 
     _, images, vae_path, _ = tiny
     out = tmp_path / "cache"

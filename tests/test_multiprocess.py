@@ -148,8 +148,8 @@ def test_fid_two_processes_match_one(tmp_path):
     """`ddaepp fid RUN --seeds 0-2 --ref FOLDER`: generated images sharded by seed (strided), reference files
     by contiguous blocks (3 files: 1 + 2), both gathered — the same statistics, FID and saved samples as one
     process; one JSON object on stdout and one record (rank 0)."""
-    from ddaepp_cli import inception
-    from ddaepp_cli.fid import fid
+    from ddaepp_cli.eval import inception
+    from ddaepp_cli.eval.fid import fid
     from test_fid import TINY_RGB, write_images
 
     torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
@@ -182,8 +182,8 @@ def test_fid_two_processes_match_one(tmp_path):
 def test_fid_latent_run_two_processes_match_one(tmp_path):
     """`ddaepp fid` of a latent DiT run (CFG from the recipe, VAE decoding) against an ADM-layout reference: the
     FID, sFID and IS statistics of 2 processes equal 1 process's (issue 12)."""
-    from ddaepp_cli import inception
-    from ddaepp_cli.fid import fid
+    from ddaepp_cli.eval import inception
+    from ddaepp_cli.eval.fid import fid
     from test_fid_latent import make_latent_run, write_adm_reference
 
     torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
@@ -210,7 +210,7 @@ def test_fid_latent_run_two_processes_match_one(tmp_path):
 def test_sample_and_fid_gather_to_rank_zero_only(tmp_path):
     """Issue 13.7: images (`sample`) and features (`fid`) travel to the writer, rank 0, not to every rank: rank 1
     receives no payload from the collectives (tests/mp_helpers/gather_to_main.py counts the bytes)."""
-    from ddaepp_cli import inception
+    from ddaepp_cli.eval import inception
     from test_fid import TINY_RGB, write_images
 
     torch.save(inception.random_state_dict(0, active=256), tmp_path / "w.pth")
@@ -233,7 +233,7 @@ def test_cache_latents_two_processes_match_one(tmp_path):
     process writes it (shards, records, statistics, manifest), and a summary of the whole cache."""
     from test_latents import make_image_folder, write_tiny_vae
 
-    from ddaepp_cli.latents import cache_latents
+    from ddaepp_cli.data.latents import cache_latents
 
     write_tiny_vae(tmp_path / "vae.safetensors")
     images = make_image_folder(tmp_path / "images")
@@ -352,7 +352,7 @@ def _write_recipe(path: Path, base: Path, sets: list[str]) -> Path:
 def test_sra_and_contrastive_two_processes_match_one(tmp_path):
     """Before: each rank built its EMA (the SRA / contrastive teacher) from its own seed before DDP synced
     the online weights; losses (loss_sra) differed from one process while rank 0's checkpoint looked fine."""
-    from ddaepp_cli import latents
+    from ddaepp_cli.data import latents
     from test_latents import make_image_folder, write_tiny_vae
 
     os.environ.setdefault("DDAEPP_CACHE", str(tmp_path / "cache-home"))

@@ -29,7 +29,7 @@ EDM = SMALL.replace("diffusion: {formulation: ddpm}", "diffusion: {formulation: 
 def w(tmp_path_factory):
     """A workspace holding a trained DDPM run, a trained EDM run and their recipes."""
     from ddaepp_cli.recipe import load_recipe
-    from ddaepp_cli.train import train
+    from ddaepp_cli.training.train import train
 
     d = tmp_path_factory.mktemp("newuser")
     (d / "small.yaml").write_text(SMALL)
@@ -196,7 +196,7 @@ def test_a_killed_holder_leaves_no_stale_lock(w, tmp_path):
 
 def test_run_lock_in_process(tmp_path):
     from ddaepp_cli.errors import UsageError
-    from ddaepp_cli.runlock import run_lock
+    from ddaepp_cli.training.runlock import run_lock
 
     with run_lock(tmp_path / "r"):
         with pytest.raises(UsageError, match=f"PID {os.getpid()}"):
@@ -208,7 +208,7 @@ def test_run_lock_in_process(tmp_path):
 
 
 def test_evaluation_records_of_concurrent_processes_get_distinct_names(tmp_path, monkeypatch):
-    from ddaepp_cli import evalrecord
+    from ddaepp_cli.eval import evalrecord
 
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000100"
     monkeypatch.setattr(evalrecord.os, "getpid", lambda: 1111)
@@ -257,7 +257,7 @@ def test_rk45_samples_an_edm_run(w, tmp_path):
 def test_nonfinite_stop_without_a_checkpoint_does_not_claim_one(w, tmp_path, monkeypatch):
     from ddaepp_cli.errors import NonFiniteError
     from ddaepp_cli.recipe import load_recipe
-    from ddaepp_cli.train import train
+    from ddaepp_cli.training.train import train
 
     monkeypatch.setenv("DDAEPP_FAULT_NAN_STEPS", "0,1,2")
     rec = load_recipe(w / "small.yaml", ["train.max_nonfinite=3", "train.checkpoint_every=1000"])
@@ -316,7 +316,7 @@ def test_profile_layers_lists_only_accepted_layers(w, tmp_path):
     valid = line.split("valid:")[1].replace(" ", "").split(",")
     from ddaepp_cli.build import build_backbone
     from ddaepp_cli.errors import UsageError
-    from ddaepp_cli.profile import candidate_layers
+    from ddaepp_cli.training.profile import candidate_layers
     from ddaepp_cli.recipe import load_recipe
 
     rec = load_recipe(w / "small.yaml")
@@ -331,7 +331,7 @@ def test_profile_layers_lists_only_accepted_layers(w, tmp_path):
 
 
 def test_profile_layers_calls_a_difference_within_the_noise_a_tie(w, tmp_path, monkeypatch):
-    from ddaepp_cli import profile, train
+    from ddaepp_cli.training import profile, train
     from ddaepp_cli.recipe import load_recipe
 
     rng = np.random.default_rng(0)
@@ -469,7 +469,7 @@ def test_noisy_classifier_defaults_fit_digits(w):
     assert r.exit_code == 0, r.output
     proto = json.loads(r.stdout)["protocol"]
     assert proto["batch_size"] == 128 and proto["crop_pad"] == 0 and proto["epochs"] == 1
-    from ddaepp_cli.analysis import noisy_defaults
+    from ddaepp_cli.eval.analysis import noisy_defaults
 
     assert noisy_defaults("digits") == {"epochs": 50, "batch_size": 128, "crop": False}
     assert noisy_defaults("cifar10") == {"epochs": 15, "batch_size": 512, "crop": True}  # DDAE's

@@ -28,7 +28,7 @@ def invoke(*args):
 def trained(tmp_path_factory):
     """A checkpoint of SMALL after 20 training steps (in-process `ddaepp train`)."""
     from ddaepp_cli.recipe import load_recipe
-    from ddaepp_cli.train import train
+    from ddaepp_cli.training.train import train
 
     d = tmp_path_factory.mktemp("probe")
     (d / "small.yaml").write_text(SMALL)
@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
 
 
 def test_head_bank_equals_separate_batchnorm_and_linear_modules():
-    from ddaepp_cli.probe import HeadBank
+    from ddaepp_cli.eval.probe import HeadBank
 
     keys, dims = ["a@1", "b@1", "a@2", "c@2"], [6, 4, 6, 6]
     bank = HeadBank(keys, dims, 3, batchnorm=True, seed=5)
@@ -67,7 +67,7 @@ def test_head_bank_equals_separate_batchnorm_and_linear_modules():
 
 
 def test_random_crop_is_a_per_sample_shifted_window():
-    from ddaepp_cli.features import random_crop
+    from ddaepp_cli.eval.features import random_crop
 
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
     out = random_crop(x, 2, torch.Generator().manual_seed(3))
@@ -80,7 +80,7 @@ def test_random_crop_is_a_per_sample_shifted_window():
 
 def test_stratified_split_is_fixed_disjoint_and_balanced():
     from ddaepp_cli.data import load_dataset
-    from ddaepp_cli.features import stratified_split
+    from ddaepp_cli.eval.features import stratified_split
 
     ds = load_dataset("digits", split="train", image_size=8)
     tr, va = stratified_split(ds, 0.1)
@@ -100,8 +100,8 @@ def test_stratified_split_is_fixed_disjoint_and_balanced():
 def test_one_pass_grid_equals_separate_single_probes(trained):
     from ddaepp_cli.build import build_formulation
     from ddaepp_cli.data import load_dataset
-    from ddaepp_cli.features import Subset, parse_times
-    from ddaepp_cli.probe import PROTOCOLS, run_bank
+    from ddaepp_cli.eval.features import Subset, parse_times
+    from ddaepp_cli.eval.probe import PROTOCOLS, run_bank
     from ddaepp_cli.sample import load_model
 
     recipe, model, _ = load_model(trained, "ema", "cpu")
@@ -132,7 +132,7 @@ def test_probe_json_beats_chance_and_matches_logistic_regression(trained, tmp_pa
     from sklearn.preprocessing import StandardScaler
 
     from ddaepp_cli.build import build_formulation
-    from ddaepp_cli.features import extract_pooled, load_eval_dataset
+    from ddaepp_cli.eval.features import extract_pooled, load_eval_dataset
     from ddaepp_cli.sample import load_model
 
     plot = tmp_path / "grid.png"
@@ -189,7 +189,7 @@ def test_image_folders_use_the_model_geometry_and_their_val_split(tmp_path):
     from PIL import Image
 
     from ddaepp_cli.errors import UsageError
-    from ddaepp_cli.features import load_eval_dataset
+    from ddaepp_cli.eval.features import load_eval_dataset
     from ddaepp_cli.recipe import load_recipe
 
     for split, n in (("train", 3), ("val", 2)):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from ddaepp_cli.profile import window_mean
+from ddaepp_cli.training.profile import window_mean
 
 RECIPE = """\
 name: tinyprof

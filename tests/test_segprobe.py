@@ -11,9 +11,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import ROOT, run_cli
-from ddaepp_cli import segprobe as S
+from ddaepp_cli.eval import segprobe as S
 from ddaepp_cli.errors import UsageError
-from ddaepp_cli.segdata import IGNORE, SegmentationSet, read_label, voc_palette
+from ddaepp_cli.eval.segdata import IGNORE, SegmentationSet, read_label, voc_palette
 
 TINY_RGB = """\
 name: tinyseg

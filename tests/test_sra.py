@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from ddaepp_cli.build import build_backbone, build_formulation, build_objective
 from ddaepp_cli.losses.sra import SRAHead
 from ddaepp_cli.recipe import load_recipe
-from ddaepp_cli.train import train
+from ddaepp_cli.training.train import train
 
 RECIPE = """\
 name: tiny_sra

@@ -53,7 +53,7 @@ def test_dry_run_reports_the_acceptance_counts():
     from pathlib import Path
 
     from ddaepp_cli.recipe import load_recipe
-    from ddaepp_cli.train import dry_run
+    from ddaepp_cli.training.train import dry_run
 
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     counts = {name: dry_run(load_recipe(recipes / f"{name}.yaml"))["params"]

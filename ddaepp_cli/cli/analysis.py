@@ -42,8 +42,8 @@ def probe(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Linear probe: grid search over layers × timesteps in one pass, then the final probe on the test set."""
-    from ..latentprobe import format_checkpoints, over_checkpoints
-    from ..probe import print_probe, probe as run_probe
+    from ..eval.latentprobe import format_checkpoints, over_checkpoints
+    from ..eval.probe import print_probe, probe as run_probe
 
     if plot is not None and checkpoints not in (None, "latest"):
         raise UsageError("--plot names one file; with --checkpoints each checkpoint's plot goes next to its record")
@@ -85,7 +85,7 @@ def cka(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Linear CKA between every pair of layers of one model, or layer by layer between two models."""
-    from ..cka import cka_command, print_cka
+    from ..eval.cka import cka_command, print_cka
 
     result = cka_command(run_or_ckpt, other, layers=layers, timestep=timestep, n=n, dataset=dataset,
                          data_root=data_root, test_root=test_root, split=split, features=features, batch_size=batch_size, weights=weights,
@@ -113,7 +113,7 @@ def align(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """DDAE's label-free alignment and uniformity of each layer's features (DDAE Eqs. 3-4)."""
-    from ..analysis import align_command, print_align
+    from ..eval.analysis import align_command, print_align
 
     result = align_command(checkpoints, layers=layers, timestep=timestep, n=n, dataset=dataset, data_root=data_root,
                            batch_size=batch_size, weights=weights, seed=seed, device=device,
@@ -144,7 +144,7 @@ def noisy_classifier(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Noise-conditional classifier on frozen features (DDAE Eq. 5): accuracy at every noise level."""
-    from ..analysis import noisy_classifier as run_noisy, print_noisy
+    from ..eval.analysis import noisy_classifier as run_noisy, print_noisy
 
     result = run_noisy(run_or_ckpt, layer=layer, dataset=dataset, data_root=data_root, epochs=epochs, lr=lr,
                        batch_size=batch_size, hflip=hflip, crop=crop, n_test=n_test, weights=weights, seed=seed,

@@ -45,7 +45,7 @@ def fid(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """FID, sFID, IS, KID and precision/recall through torch-fidelity's Inception, with a protocol record."""
-    from ..fid import fid as run_fid, print_fid
+    from ..eval.fid import fid as run_fid, print_fid
 
     seed_list = None
     if seeds is not None:
@@ -93,8 +93,8 @@ def segprobe(
     """Dense linear probe (semantic segmentation, mIoU) on frozen noised features of two layers."""
     import sys
 
-    from ..latentprobe import format_checkpoints, over_checkpoints
-    from ..segprobe import print_segprobe, segprobe as run_segprobe
+    from ..eval.latentprobe import format_checkpoints, over_checkpoints
+    from ..eval.segprobe import print_segprobe, segprobe as run_segprobe
 
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {workers}")

@@ -27,7 +27,7 @@ def profile_layers(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (`best` is the chosen layer)."),
 ) -> None:
     """Short runs with self-conditioning at each candidate layer plus the baseline; the lowest final loss wins."""
-    from ..profile import format_table, profile_layers as run_profile
+    from ..training.profile import format_table, profile_layers as run_profile
     from ..recipe import load_recipe
 
     rec = load_recipe(resolve_recipe_path(recipe), list(set_))
@@ -65,8 +65,8 @@ def cache_latents(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
-    from ..latents import cache_latents as run_cache
-    from ..vae import KINDS, default_weights_path
+    from ..data.latents import cache_latents as run_cache
+    from ..data.vae import KINDS, default_weights_path
 
     if vae is None:
         if vae_kind is not None and vae_kind not in KINDS:
@@ -93,7 +93,7 @@ def export_digits(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Write scikit-learn's digits as an ImageNet-style class folder (train and val), to try the latent pipeline on a CPU."""
-    from ..exportdigits import export_digits as run_export
+    from ..data.exportdigits import export_digits as run_export
 
     result = run_export(out, image_size=image_size)
     if json_out:

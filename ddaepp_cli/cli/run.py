@@ -35,8 +35,8 @@ def train(
 ) -> None:
     """Train a model from a recipe (resumes exactly when the run folder already has checkpoints)."""
     from ..recipe import load_recipe
-    from ..runlock import run_lock
-    from ..train import dry_run as plan_run, train as run_train
+    from ..training.runlock import run_lock
+    from ..training.train import dry_run as plan_run, train as run_train
 
     overrides = list(set_) + ([f"train.seed={seed}"] if seed is not None else [])
     rec = load_recipe(resolve_recipe_path(recipe), overrides)

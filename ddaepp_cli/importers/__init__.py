@@ -156,8 +156,8 @@ def _latent_folder(recipe, out: Path, vae, latent_stats):
         raise UsageError("--latent-stats and --vae go together (the statistics and the VAE the network was "
                          "trained with)")
     from ..build import dataset_geometry
-    from ..latents import MANIFEST, STATS
-    from ..vae import load_vae
+    from ..data.latents import MANIFEST, STATS
+    from ..data.vae import load_vae
 
     v = load_vae(vae)
     c = dataset_geometry(recipe.data)[0]  # the network's input channels

@@ -157,6 +157,6 @@ def merge_drops(*drops: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def sha256(path: str | os.PathLike) -> str:
-    from ..latents import sha256_file
+    from ..data.latents import sha256_file
 
     return sha256_file(path)

@@ -32,7 +32,7 @@ import torch
 
 from ..build import build_backbone, build_formulation, build_objective
 from ..checkpoint import load_training_state, load_weights_into
-from ..ema import EMA
+from .ema import EMA
 from ..recipe import Recipe
 from .compiled import maybe_compile
 

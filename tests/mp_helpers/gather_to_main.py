@@ -38,7 +38,7 @@ td.all_gather_object, td.gather_object = all_gather_object, gather_object
 
 def main(run: str, ref: str, weights: str, out: str) -> None:
     from ddaepp_cli.distributed import Dist
-    from ddaepp_cli.fid import fid
+    from ddaepp_cli.eval.fid import fid
     from ddaepp_cli.sample import sample_command
 
     dist = Dist()

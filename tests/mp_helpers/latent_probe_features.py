@@ -8,8 +8,8 @@ import torch
 
 from ddaepp_cli.build import build_formulation
 from ddaepp_cli.distributed import Dist
-from ddaepp_cli.features import Subset, load_eval_dataset, parse_times
-from ddaepp_cli.probe import PROTOCOLS, CachedFeatures, LiveFeatures, RawLatentFeatures, probe, run_bank
+from ddaepp_cli.eval.features import Subset, load_eval_dataset, parse_times
+from ddaepp_cli.eval.probe import PROTOCOLS, CachedFeatures, LiveFeatures, RawLatentFeatures, probe, run_bank
 from ddaepp_cli.sample import load_model
 
 

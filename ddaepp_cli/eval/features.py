@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import ImageDataset, apply_hflip, hflip_mask, load_dataset, to_model_range
-from .diffusion.base import expand_like
-from .errors import UsageError, choices
+from ..data import ImageDataset, apply_hflip, hflip_mask, load_dataset, to_model_range
+from ..diffusion.base import expand_like
+from ..errors import UsageError, choices
 
 # Default probe time per formulation, CLI convention: DDAE++ Tab. 9 (DDPM t = 11, EDM σ ≈ 0.06 =
 # index 4 of the reversed 18-step schedule, pixel RF t = 0.06).
@@ -141,7 +141,7 @@ def autocast(device: torch.device, precision: str):
 
 def per_batch_generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
     """A generator on `device` for one batch's draws (flip, crop, noise), keyed by (seed, stream)."""
-    from .seeding import generator_seed
+    from ..seeding import generator_seed
 
     return torch.Generator(device=device).manual_seed(generator_seed(seed % (1 << 32), stream % (1 << 32)))
 
@@ -308,8 +308,8 @@ def load_latent_split(recipe, *, split: str, root: str | None, held_out: str | N
     """The training latent cache (`root`, default the recipe's data.root) or, for split test, the labelled
     validation cache (`held_out`, default `<train cache>_val`), normalised with the training cache's
     statistics — the ones the model was trained on (or the recipe's fixed `data.latent_scale`)."""
-    from .errors import UnavailableError
-    from .latentstore import MANIFEST, LatentDataset
+    from ..errors import UnavailableError
+    from ..data.latentstore import MANIFEST, LatentDataset
 
     train_root = root or recipe.data.root
     if train_root is None:
@@ -337,7 +337,7 @@ def load_eval_dataset(recipe, *, dataset: str | None, split: str, root: str | No
     (`latent=True` for the commands that read latents) get their cached latents (`load_latent_split`).
     Unavailable data raises the loader's UnavailableError (exit 3); a geometry mismatch a UsageError.
     """
-    from .build import dataset_geometry
+    from ..build import dataset_geometry
 
     name = dataset or recipe.data.dataset
     if (name == "latents") != (recipe.data.dataset == "latents"):
@@ -402,7 +402,7 @@ def extract_pooled(model, formulation, ds, layers: Sequence[str], t: float, *, n
                    progress_desc: str | None = None, hflip: bool = False) -> tuple[dict[str, Tensor], Tensor]:
     """Pooled features (N, C) per layer (CPU float32) and labels (N,) of the first n images, noised
     at t with per-batch seeded noise (batch b draws from stream `stream + b`)."""
-    from .console import progress
+    from ..console import progress
 
     total = len(ds) if n is None else min(n, len(ds))
     out: dict[str, list[Tensor]] = {name: [] for name in layers}

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .console import info
+from ..console import info
 
 
 def run_folder(ckpt: Path) -> Path:
@@ -68,7 +68,7 @@ def dataset_fingerprint(dataset) -> str:
 def versions() -> dict[str, str]:
     import numpy as np
 
-    from . import __version__
+    from .. import __version__
 
     return {"ddaepp": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}

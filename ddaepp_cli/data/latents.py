@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from ..errors import UsageError
 from .latentstore import (IMAGENET_TRAIN, MANIFEST, STATS, LatentDataset, latent_geometry,  # noqa: F401 (re-exported)
                           load_decoder, mmap_safetensors, read_manifest, resolve_vae_path, sha256_file, shard_file)
 
@@ -226,10 +226,10 @@ def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]
     """Encode `files` (labelled `labels`, below `data`) into the cache folder `out` (module doc)."""
     from safetensors.torch import save as st_save
 
-    from .console import info, progress
-    from .data import _CatchErrors, _collate, _Failure
-    from .distributed import Dist
-    from .seeding import per_sample_randn
+    from ..console import info, progress
+    from . import _CatchErrors, _collate, _Failure
+    from ..distributed import Dist
+    from ..seeding import per_sample_randn
     from .vae import load_vae
 
     out = Path(out)

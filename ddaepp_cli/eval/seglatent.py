@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .errors import UsageError
+from ..errors import UsageError
 from .segdata import SegmentationSet
 
 
@@ -45,7 +45,7 @@ class LatentSegmentationSet(Dataset):
 
 
 def cache_folder(dataset: str, split: str, seg_root: Path, image_size: int, vae_sha: str) -> Path:
-    from .vae import cache_dir
+    from ..data.vae import cache_dir
 
     where = hashlib.sha256(str(seg_root.resolve()).encode()).hexdigest()[:8]
     return cache_dir() / "seg-latents" / f"{dataset}-{split}-{image_size}px-{vae_sha[:12]}-{where}"
@@ -54,9 +54,9 @@ def cache_folder(dataset: str, split: str, seg_root: Path, image_size: int, vae_
 def latent_split(recipe, dataset: str, split: str, data_root, *, label_size: int, image_size: int | None,
                  batch_size: int = 32, workers: int = 0) -> tuple[LatentSegmentationSet, SegmentationSet]:
     """(latent segmentation set, the same split's RGB set for pictures) of a latent run."""
-    from .console import info
-    from .latents import write_cache
-    from .latentstore import LatentDataset, read_manifest, resolve_vae_path, sha256_file
+    from ..console import info
+    from ..data.latents import write_cache
+    from ..data.latentstore import LatentDataset, read_manifest, resolve_vae_path, sha256_file
 
     train_root = recipe.data.root
     if train_root is None:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .console import info, progress
-from .data import BatchStream, to_model_range
-from .errors import UsageError
+from ..console import info, progress
+from ..data import BatchStream, to_model_range
+from ..errors import UsageError
 from .features import (DEFAULT_TIME, augment, check_same_classes, decoder_layers, default_layer, layer_order, load_eval_dataset,
                        noised_features, ordered_batches, parse_times, per_batch_generator, pick_device,
                        precision_for)
@@ -74,12 +74,12 @@ def align_command(checkpoints: Sequence[str], *, layers: str | None = None, time
                   weights: str = "ema", seed: int = 0, device: str | None = None, plot: str | None = None,
                   record: bool = True) -> dict:
     """Library entry of `ddaepp align`: metrics per layer for one checkpoint or a training trajectory."""
-    from .build import build_formulation
-    from .checkpoint import resolve_checkpoint
+    from ..build import build_formulation
+    from ..checkpoint import resolve_checkpoint
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
     from .plots import align_scatter, check_png
-    from .sample import load_model
+    from ..sample import load_model
 
     check_png(plot)
     if not checkpoints:
@@ -128,7 +128,7 @@ def align_command(checkpoints: Sequence[str], *, layers: str | None = None, time
 def print_align(result: dict) -> None:
     from rich.table import Table
 
-    from .console import err, out
+    from ..console import err, out
 
     runs = result["checkpoints"]
     table = Table("layer", *[h for r in runs for h in (f"align {_short(r)}", f"uniform {_short(r)}")],
@@ -185,14 +185,14 @@ class NoisyClassifier(nn.Module):
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
-        from .nets.layers import TimeEmbedding
+        from ..nets.layers import TimeEmbedding
 
         self.sinusoid_dim = dim // 4
         self.time = TimeEmbedding(self.sinusoid_dim, dim)
         self.head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, num_classes))
 
     def forward(self, features: Tensor, t_raw: Tensor) -> Tensor:
-        from .nets.layers import sinusoidal_embedding
+        from ..nets.layers import sinusoidal_embedding
 
         tau = self.time(sinusoidal_embedding(t_raw, self.sinusoid_dim))  # (B, D)
         return self.head(features + tau)  # (B, K)
@@ -224,12 +224,12 @@ def noisy_classifier(run_or_ckpt: str, *, layer: str | None = None, dataset: str
     """Library entry of `ddaepp noisy-classifier`: train over all noise levels, test per level.
 
     `epochs`, `batch_size`, `crop` = None: DDAE's (15, 512, crop) or `NOISY_DATASET_DEFAULTS`."""
-    from .build import build_formulation
+    from ..build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
     from .plots import accuracy_curve, check_png
     from .probe import cosine_lr
-    from .sample import load_model, weights_of
+    from ..sample import load_model, weights_of
 
     check_png(plot)
     for name, v in (("--epochs", epochs), ("--batch-size", batch_size)):
@@ -334,7 +334,7 @@ def noisy_classifier(run_or_ckpt: str, *, layer: str | None = None, dataset: str
 def print_noisy(result: dict) -> None:
     from rich.table import Table
 
-    from .console import err, out
+    from ..console import err, out
 
     table = Table("timestep", "t", "accuracy (%)", title=f"noise-conditional classifier on {result['layer']}")
     for c in result["curve"]:

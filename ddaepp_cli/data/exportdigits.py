@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def export_digits(out: str | os.PathLike, image_size: int = 32, flat_val: bool = True) -> dict:
     from PIL import Image
 
-    from .data import digits_split_indices, load_dataset
+    from . import digits_split_indices, load_dataset
 
     if image_size < 8:
         raise UsageError(f"--image-size must be at least 8 (digits are 8×8), got {image_size}")

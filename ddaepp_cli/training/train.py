@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import write_text_atomic
-from .build import build_backbone, build_formulation, build_objective, count_params, dataset_geometry, load_training_data
-from .checkpoint import checkpoint_recipe, latest_checkpoint, recover_checkpoints, save_checkpoint
-from .console import info, progress
-from .errors import Interrupted, NonFiniteError, UsageError
-from .recipe import Recipe, diff_recipes, recipe_to_dict, recipe_to_yaml
-from .training.metrics import MetricsLog, truncate_metrics
-from .training.state import TrainState, lr_at, rng_state
-from .training.step import train_step
+from .. import __version__
+from ..atomic import write_text_atomic
+from ..build import build_backbone, build_formulation, build_objective, count_params, dataset_geometry, load_training_data
+from ..checkpoint import checkpoint_recipe, latest_checkpoint, recover_checkpoints, save_checkpoint
+from ..console import info, progress
+from ..errors import Interrupted, NonFiniteError, UsageError
+from ..recipe import Recipe, diff_recipes, recipe_to_dict, recipe_to_yaml
+from .metrics import MetricsLog, truncate_metrics
+from .state import TrainState, lr_at, rng_state
+from .step import train_step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class GridSampler:
         self.ts, self.shape, self.run_dir, self.options = ts, shape, run_dir, None
 
     def __call__(self, step: int) -> None:
-        from .sample import generate, sampling_options, save_grid
+        from ..sample import generate, sampling_options, save_grid
 
         ts, s = self.ts, self.ts.recipe.sample
         seeds = list(range(ts.recipe.train.sample_grid))
@@ -208,7 +208,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from .data import BatchStream, to_model_range
+    from ..data import BatchStream, to_model_range
 
     run_dir, t = Path(run_dir), recipe.train
     cuda = torch.cuda.is_available()

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def lock_holder(fd: int) -> int | None:

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .console import info, progress
-from .errors import DdaeppError, UsageError, choices
+from ..console import info, progress
+from ..errors import DdaeppError, UsageError, choices
 from .segdata import IGNORE, SPECS, SegmentationSet, voc_palette
 
 EPOCHS, LR, BATCH, GRID = 30, 3e-3, 128, 16  # DDAE++ Tab. 10 (dense probing), 16² patch grid
@@ -116,7 +116,7 @@ class DenseFeatures:
     @torch.no_grad()
     def __call__(self, images: Tensor, index: Tensor, split: str) -> Tensor:
         from .features import model_input, noised_features
-        from .seeding import per_sample_randn
+        from ..seeding import per_sample_randn
 
         x0 = model_input(images.to(self.device))  # (B, C, S, S): pixels in [-1, 1], or a run's normalised latents
         noise = per_sample_randn(index.tolist(), x0.shape[1:], device=self.device,
@@ -358,11 +358,11 @@ def segprobe(run_or_ckpt: str, *, dataset: str = "ade20k", data_root: str | None
              weights: str = "ema", seed: int = 0, workers: int | None = None, device: str | None = None,
              plot: str | None = None, record: bool = True) -> dict[str, Any]:
     """Library entry of `ddaepp segprobe`: features, head training, mIoU on the validation split."""
-    from .build import build_formulation, dataset_geometry
+    from ..build import build_formulation, dataset_geometry
     from .evalrecord import (checkpoint_record, device_record, new_record_path, save_record, timestamp,
                              versions)
     from .features import pick_device, precision_for
-    from .sample import load_model, weights_of
+    from ..sample import load_model, weights_of
 
     if dataset not in SPECS:
         raise UsageError(f"--dataset {dataset!r} is not known; valid: {choices(SPECS)}")
@@ -479,7 +479,7 @@ def print_segprobe(result: dict) -> None:
     """A short rich table on stdout (paths on stderr): mIoU, pixel accuracy, the protocol's key settings."""
     from rich.table import Table
 
-    from .console import err, out
+    from ..console import err, out
 
     table = Table("", "value", title=f"segprobe on {result['dataset']}")
     table.add_row("mIoU", f"{100 * result['miou']:.2f}")

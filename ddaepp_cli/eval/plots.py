@@ -16,8 +16,8 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .atomic import atomic_path
-from .errors import UsageError  # noqa: E402
+from ..atomic import atomic_path
+from ..errors import UsageError  # noqa: E402
 
 
 def check_png(path: str | os.PathLike | None) -> None:

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .console import info
-from .errors import UsageError
+from ..console import info
+from ..errors import UsageError
 
 FEATURES = ("pooled", "full")
 N_DEFAULT = 2048
@@ -104,7 +104,7 @@ def cka_matrix(a: Sequence[Tensor], b: Sequence[Tensor] | None = None) -> Tensor
 def model_features(model, formulation, ds, layers, t: float, *, n: int, batch_size: int, seed: int, device,
                    precision: str, full: bool, desc: str) -> dict[str, Tensor]:
     """(n, D) features per layer: pooled (D = C) or flattened maps (D = C·H·W), on the CPU."""
-    from .console import progress
+    from ..console import progress
     from .features import model_input, noised_features, ordered_batches, per_batch_generator
 
     out: dict[str, list[Tensor]] = {name: [] for name in layers}
@@ -125,13 +125,13 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
                 features: str = "pooled", batch_size: int = 256, weights: str = "ema", seed: int = 0,
                 device: str | None = None, plot: str | None = None, record: bool = True) -> dict:
     """Library entry of `ddaepp cka`: all layer pairs of one model, or every layer of A against B."""
-    from .build import build_formulation
+    from ..build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
     from .features import (check_choice, default_time, layer_order, load_eval_dataset, parse_times,
                            pick_device, precision_for)
     from .plots import check_png, cka_heatmap
-    from .sample import load_model, weights_of
+    from ..sample import load_model, weights_of
 
     check_choice("--features", features, FEATURES)
     check_choice("--split", split, ("train", "test"))
@@ -164,14 +164,14 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
         form_b = build_formulation(recipe_b)
         t_b = parse_times(form_b, text, default=())[0]
         names_b = layer_order(model_b, model_b.resolve_layers(layers) if layers else list(model_b.layer_names))
-        from .build import dataset_geometry
+        from ..build import dataset_geometry
 
         if dataset_geometry(recipe_b.data)[:2] != dataset_geometry(recipe.data)[:2]:
             raise UsageError(f"{other} reads images of another size or channel count than {run_or_ckpt}")
         if (recipe_b.data.dataset == "latents") != (recipe.data.dataset == "latents"):
             raise UsageError(f"{run_or_ckpt} and {other}: one reads VAE latents, the other pixels; compare like with like")
         if recipe.data.dataset == "latents":
-            from .latentstore import read_manifest
+            from ..data.latentstore import read_manifest
 
             sha = [(read_manifest(r.data.root).get("vae") or {}).get("sha256") for r in (recipe, recipe_b)]
             if sha[0] != sha[1]:
@@ -205,7 +205,7 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
 def print_cka(result: dict) -> None:
     from rich.table import Table
 
-    from .console import err, out
+    from ..console import err, out
 
     rows, cols = result["layers"], result.get("other_layers", result["layers"])
     title = "linear CKA" + (" (rows: A, columns: B)" if "other_layers" in result else "")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import UnavailableError, UsageError
+from ..errors import UnavailableError, UsageError
 
 MANIFEST = "manifest.json"
 STATS = "latents_stats.safetensors"

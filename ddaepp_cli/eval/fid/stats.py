@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ...errors import UsageError
 from .constants import DIM, SPATIAL_DIM
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .. import inception
-from ..errors import UsageError, choices
+from ...errors import UsageError, choices
 from .constants import (ADM_IS_SPLIT_SIZE, FEATURES, ISC_SPLITS, KID_SUBSET_SIZE, KID_SUBSETS, LOGITS, METRICS,
                         PRC_NEIGHBORHOOD, RNG_SEED, SPATIAL, SPATIAL_DIM)
 from .stats import Stats, frechet_distance

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UnavailableError, UsageError
+from ..errors import UnavailableError, UsageError
 
 EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"

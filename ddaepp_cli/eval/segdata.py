@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import UnavailableError, UsageError, choices
+from ..errors import UnavailableError, UsageError, choices
 
 IGNORE = 255
 
@@ -83,7 +83,7 @@ def _is_root(spec: SegSpec, p: Path) -> bool:
 
 def find_root(name: str, root: str | os.PathLike | None) -> Path:
     """The dataset folder: `root` itself, or the archive's folder below it (default $DDAEPP_DATA)."""
-    from .data import default_root
+    from ..data import default_root
 
     spec = SPECS[name]
     base = Path(root if root is not None else default_root()).expanduser()

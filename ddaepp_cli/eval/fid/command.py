@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .. import inception
-from ..distributed import Dist
-from ..errors import UnavailableError, UsageError, choices
+from ...distributed import Dist
+from ...errors import UnavailableError, UsageError, choices
 from .constants import (DIM, FEATURES, LOGITS, PRESETS, PROTOCOLS, REGISTERED, RESIZE_POLICY, SPATIAL,
                         TORCH_FIDELITY_ONLY)
 from .extract import extract
@@ -86,7 +86,7 @@ class Plan:
 def plan(samples_or_run: str, *, ref, metrics, n, preset, seeds, batch_size, extractor_dtype, save_stats,
          save_samples, sampler, steps, clip, data_root, download, checkpoints, cfg_scale, cfg_interval,
          protocol) -> Plan:
-    from ..sample import parse_interval
+    from ...sample import parse_interval
 
     if batch_size is not None and batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
@@ -121,7 +121,7 @@ def plan(samples_or_run: str, *, ref, metrics, n, preset, seeds, batch_size, ext
 
 def _plan_run(p: Plan, path: Path, *, ref, metrics, n, preset, seeds, checkpoints, save_stats, save_samples) -> str | None:
     """Checkpoints, seeds and the default reference of a run input; returns the reference to use."""
-    from ..checkpoint import checkpoint_recipe, select_checkpoints
+    from ...checkpoint import checkpoint_recipe, select_checkpoints
 
     p.checkpoints = select_checkpoints(path, checkpoints)
     p.recipe = checkpoint_recipe(p.checkpoints[-1])
@@ -138,7 +138,7 @@ def _plan_run(p: Plan, path: Path, *, ref, metrics, n, preset, seeds, checkpoint
         seeds = list(range(p.count))
     p.seeds = seeds
     if save_samples:  # a new or empty folder (fid has no --force; outdir.py)
-        from ..outdir import check_output_folder
+        from ...outdir import check_output_folder
 
         check_output_folder(save_samples, flag="--save-samples")
     if ref is not None or (metrics is not None and not _needs_ref(parse_metrics(metrics))):
@@ -185,7 +185,7 @@ def _plan_metrics(p: Plan, ref: str | None, metrics: str | None, *, save_stats, 
     p.spatial = "sfid" in wanted or save_stats is not None  # a statistics file carries mu_s, sigma_s too
     if p.reference is None:  # --save-stats alone: statistics (and IS) only
         if ref is not None:
-            from ..console import info
+            from ...console import info
 
             info("note: --ref is not used by the requested metrics (is)")
         wanted = [m for m in wanted if m == "is"]
@@ -226,7 +226,7 @@ def fid(samples_or_run: str, *, ref: str | None = None, metrics: str | None = No
     tf_layers = [name for name in p.layers if name != SPATIAL]
     extractor = inception.load_extractor(weights_path, tf_layers, device=dist.device, dtype=extractor_dtype)
     ext_info = inception.describe(weights_path, extractor_dtype)
-    from ..sample import weights_of
+    from ...sample import weights_of
 
     weights = weights_of(samples_or_run, weights)  # a named .safetensors file decides (sample.py)
     generation = _Generation(p, dist.device, weights=weights, sampler=sampler, steps=steps, clip=clip) \
@@ -283,8 +283,8 @@ class _Generation:
 
     def __init__(self, p: Plan, device: torch.device, *, weights: str, sampler: str | None, steps: int | None,
                  clip: bool | None):
-        from ..build import build_formulation, dataset_geometry
-        from ..sample import load_model, resolve_steps, sampling_options
+        from ...build import build_formulation, dataset_geometry
+        from ...sample import load_model, resolve_steps, sampling_options
 
         self.p, self.device, self.weights = p, device, weights
         recipe, model, _ = load_model(p.checkpoints[0], weights, device)  # checks the weights file early
@@ -305,7 +305,7 @@ class _Generation:
 
     def source(self, ckpt: Path, batch_size: int | None) -> tuple[ModelSource, dict, int]:
         from ..evalrecord import checkpoint_record
-        from ..sample import load_model
+        from ...sample import load_model
 
         if self.first is not None and self.first[0] == ckpt:
             _, recipe, model = self.first
@@ -360,7 +360,7 @@ def compute(p: Plan, source: ImageSource, feats: dict, images, ref_stats: Stats 
             "source": input_desc, "fingerprint": fingerprint, "extractor": ext_info, "resize": RESIZE_POLICY,
             **({"checkpoint": protocol_rec.get("checkpoint")} if p.is_run else {})})
     if save_samples and images is not None:
-        from ..sample import write_outputs
+        from ...sample import write_outputs
 
         input_desc["written"] = write_outputs(images, source.seeds, Path(save_samples), ["png", "npz", "grid"],
                                               {"command": "sample", **protocol_rec, **source.describe(),

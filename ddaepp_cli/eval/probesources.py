@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .console import info, progress
-from .data import hflip_mask
-from .distributed import Dist
+from ..console import info, progress
+from ..data import hflip_mask
+from ..distributed import Dist
 from .features import (Time, augmented_input, dataset_labels, model_input, model_views, noised_features,
                        ordered_batches, per_batch_generator)
 

@@ -50,7 +50,7 @@ def over_checkpoints(run_or_ckpt: str, spec: str | None, evaluate: Callable[[str
                      score: Callable[[dict], float], command: str) -> dict:
     """`evaluate` on every checkpoint `spec` selects; one checkpoint returns its result unchanged, several
     a summary {checkpoints: [...], best: {...}} with every full result under `results`."""
-    from .checkpoint import select_checkpoints
+    from ..checkpoint import select_checkpoints
 
     ckpts = select_checkpoints(run_or_ckpt, spec)
     if len(ckpts) == 1:

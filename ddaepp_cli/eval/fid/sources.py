@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import UnavailableError, UsageError
-from ..imageio import image_size_of, list_image_folder, read_rgb
+from ...errors import UnavailableError, UsageError
+from ...data.imageio import image_size_of, list_image_folder, read_rgb
 from .constants import REGISTERED
 
 
@@ -218,7 +218,7 @@ class DatasetSource(ImageSource):
     def __init__(self, name: str, data_root: str | None, download: bool):
         self.name = name
         if name in REGISTERED:
-            from ..data import load_dataset
+            from ...data import load_dataset
 
             dataset, split = REGISTERED[name]
             self.ds = load_dataset(dataset, split=split, root=data_root, download=download)  # exit 3 when missing
@@ -227,7 +227,7 @@ class DatasetSource(ImageSource):
         else:
             from torch_fidelity.registry import DATASETS_REGISTRY
 
-            from ..data import default_root
+            from ...data import default_root
 
             self.root = data_root or default_root()
             try:
@@ -278,7 +278,7 @@ class ModelSource(ImageSource):
         return len(self.seeds)
 
     def read(self, idx: Sequence[int]) -> torch.Tensor:
-        from ..sample import generate
+        from ...sample import generate
 
         seeds = [self.seeds[i] for i in idx]
         opts = dict(self.options)

@@ -23,7 +23,7 @@ import csv
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def class_list(source: str | os.PathLike) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from ..errors import UsageError
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 ARCH_KEYS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "down_block_types",

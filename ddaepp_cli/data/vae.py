@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .errors import UnavailableError, UsageError
+from ..errors import UnavailableError, UsageError
 
 TRAINING_ONLY_PREFIXES = ("loss.", "foundation_model.", "linear_proj.")
 LDM_PREFIXES = ("first_stage_model.", "vae.")
@@ -249,7 +249,7 @@ def load_vae(path: str | os.PathLike, kind: Optional[str] = None, device: torch.
              expected_sha256: Optional[str] = None) -> VAE:
     """Load an LDM-format KL autoencoder strictly. `kind` (vavae / sdvae) checks the architecture."""
     if kind is not None and kind not in KINDS:
-        from .errors import choices
+        from ..errors import choices
 
         raise UsageError(f"unknown VAE kind {kind!r}; valid: {choices(KINDS)}")
     from .vae_diffusers import diffusers_config, is_diffusers_layout, weights_file

@@ -17,17 +17,17 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .console import info
-from .errors import UsageError
-from .recipe import DIT_CONFIGS, Recipe, UNetConfig, replace
+from ..console import info
+from ..errors import UsageError
+from ..recipe import DIT_CONFIGS, Recipe, UNetConfig, replace
 
 BASELINE = "baseline"
 
 
 def candidate_layers(recipe: Recipe, spec: str) -> list[str]:
     """Expand `spec` (`8-11`, `out_6-9`, `7,9,12`) into layers the recipe's backbone can self-condition at."""
-    from .build import build_backbone
-    from .nets.taps import expand_layer_spec
+    from ..build import build_backbone
+    from ..nets.taps import expand_layer_spec
 
     if not isinstance(recipe.model, (UNetConfig, *DIT_CONFIGS)):
         raise UsageError(f"profile-layers needs a backbone with a self-conditioning layer (ddpm, ddpmpp, dit, dit_orig); "
@@ -71,7 +71,7 @@ def read_losses(run_dir: Path) -> list[float]:
 def profile_layers(recipe: Recipe, spec: str, run_dir: str | Path, *, steps: int | None = None,
                    epochs: float | None = None, window: float = 0.25, plot: str | Path | None = None) -> dict[str, Any]:
     """Train the baseline and one run per candidate layer; return the scores and the best layer."""
-    from .build import dataset_geometry
+    from ..build import dataset_geometry
     from .runlock import run_lock
     from .train import make_plan, train
 

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .console import info, progress
-from .data import BatchStream
-from .distributed import Dist
-from .errors import UsageError, choices
+from ..console import info, progress
+from ..data import BatchStream
+from ..distributed import Dist
+from ..errors import UsageError, choices
 from .latentprobe import latent_defaults, write_layer_curve
 from .probesources import (CACHE_STREAM, RAW_LAYER, RAW_TIME, TEST_STREAM, TRAIN_STREAM,  # noqa: F401 (re-exported)
                            VAL_STREAM, CachedFeatures, LiveFeatures, RawLatentFeatures, key_of)
@@ -87,7 +87,7 @@ class HeadBank(nn.Module):
     def __init__(self, keys: Sequence[str], dims: Sequence[int], num_classes: int, *, batchnorm: bool,
                  seed: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
-        from .seeding import generator_seed
+        from ..seeding import generator_seed
 
         self.keys, self.num_classes = list(keys), num_classes
         self.batchnorm, self.momentum, self.eps = batchnorm, momentum, eps
@@ -257,10 +257,10 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     and the layer-wise curve of the final probe) or `latent` (the raw-latent baseline of a latent run).
     Multi-process aware (module doc): rank 0 writes the record and plot and returns the result, the
     other ranks return {}."""
-    from .build import build_formulation
+    from ..build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
-    from .sample import load_model, weights_of
+    from ..sample import load_model, weights_of
 
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol {protocol!r} is not known; valid: {choices(PROTOCOLS)}")
@@ -415,7 +415,7 @@ def print_probe(result: dict) -> None:
     """Rich table (stdout): layers × timesteps, best cell marked, test accuracy below; paths on stderr."""
     from rich.table import Table
 
-    from .console import err, out
+    from ..console import err, out
 
     times = [t["text"] for t in result["timesteps"]]
     best = result["best"]

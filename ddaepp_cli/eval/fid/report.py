@@ -39,7 +39,7 @@ def print_fid(result: dict) -> None:
     warnings and where the records went."""
     from rich.table import Table
 
-    from ..console import err
+    from ...console import err
 
     if "checkpoints" in result:
         rows = result["checkpoints"]

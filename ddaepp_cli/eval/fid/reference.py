@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from .. import inception
-from ..console import info
-from ..distributed import Dist
-from ..errors import UsageError, choices
+from ...console import info
+from ...distributed import Dist
+from ...errors import UsageError, choices
 from .constants import CACHE_FORMAT, DIM, FEATURES, REGISTERED, RESIZE_POLICY, SPATIAL, TORCH_FIDELITY_ONLY
 from .extract import extract
 from .sources import DatasetSource, FolderSource, ImageSource, NpzSource, _hash_file

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .errors import UsageError
+from ..errors import UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # compared case-insensitively
 

@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from .. import inception
-from ..console import progress
-from ..distributed import Dist
+from ...console import progress
+from ...distributed import Dist
 from .constants import SPATIAL, SPATIAL_CHANNELS
 from .sources import ImageSource, _rgb
 
