@@ -202,27 +202,22 @@ class GridSampler:
         save_grid(images, self.run_dir / "samples" / f"grid-{step:07d}.png")
 
 
-def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None = None,
-          allow_recipe_change: bool = False, compile_kw: dict | None = None) -> dict[str, Any]:
-    """Train (or resume) `recipe` in `run_dir`. `compile_kw`: torch.compile options (tests pass a backend)."""
+def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe_change: bool,
+           compile_kw: dict | None):
+    """Processes, the run folder check (every rank; rank 0's answer for all), data, plan, and the
+    `TrainState`, resumed from the latest checkpoint when there is one."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from ..data import BatchStream, to_model_range
-
-    run_dir, t = Path(run_dir), recipe.train
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda)  # processes and DDP; precision is the TrainState's own
-    device, rank, world, main = accelerator.device, accelerator.process_index, accelerator.num_processes, \
-        accelerator.is_main_process
-    # Every rank checks (read-only), so a refusal stops all alike; rank 0's answer is used by all.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # processes and DDP; precision is the state's
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     resume_from = prepare_run_dir(run_dir, recipe, allow_recipe_change=allow_recipe_change)
     if world > 1:
         shared_answer = gather_object([str(resume_from) if resume_from else ""])[0]
         resume_from = Path(shared_answer) if shared_answer else None
     dataset = load_training_data(recipe)
     plan = make_plan(recipe, world, len(dataset), max_steps)
-    if t.compile and device.type == "cpu":  # benchmarks/group_train.py: compile loses on CPU for the UNets
+    if recipe.train.compile and device.type == "cpu":  # benchmarks/group_train.py: compile loses on CPU
         info("warning: train.compile on a CPU: the UNet step measured 0.83-0.88x the speed of eager after "
              "3 min of compilation (benchmarks/bench.py); it is meant for GPUs")
     ts = TrainState(recipe, device=device, accelerator=accelerator, rank=rank, world=world, compile_kw=compile_kw)
@@ -231,8 +226,30 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
         if note:
             info(note)
         info(f"resuming {run_dir} from step {ts.step} ({resume_from.name})")
-    if main:
+    if accelerator.is_main_process:
         _write_run_files(run_dir, recipe, ts, resume_from)
+    return accelerator, ts, dataset, plan
+
+
+def _stop_requested(stop: _StopFlag, accelerator) -> bool:
+    """A signal on any rank stops every rank after this step (one collective with several processes)."""
+    if accelerator.num_processes == 1:
+        return stop.raised
+    flag = torch.tensor([float(stop.raised)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
+def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None = None,
+          allow_recipe_change: bool = False, compile_kw: dict | None = None) -> dict[str, Any]:
+    """Train (or resume) `recipe` in `run_dir`. `compile_kw`: torch.compile options (tests pass a backend)."""
+    from accelerate.utils import gather_object
+
+    from ..data import BatchStream, to_model_range
+
+    run_dir, t = Path(run_dir), recipe.train
+    accelerator, ts, dataset, plan = _start(recipe, run_dir, max_steps=max_steps, compile_kw=compile_kw,
+                                            allow_recipe_change=allow_recipe_change)
+    device, rank, world, main = ts.device, ts.rank, ts.world, accelerator.is_main_process
     stream = BatchStream(dataset, global_batch=t.global_batch, rank=rank, world_size=world, seed=t.seed,
                          start_step=ts.step, num_workers=recipe.data.num_workers if not dataset.in_memory else 0,
                          pin_memory=device.type == "cuda" and not dataset.in_memory,
@@ -274,9 +291,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
             bar.update(1)
             if test_delay:
                 time.sleep(test_delay)
-            stop_now = stop.raised
-            if world > 1:
-                stop_now = bool(accelerator.reduce(torch.tensor([float(stop_now)], device=device), "sum").item() > 0)
+            stop_now = _stop_requested(stop, accelerator)
             if ts.step % t.checkpoint_every == 0 or ts.step == total or stop_now:
                 checkpoint()
             if main and t.sample_every and recipe.sample.steps != 0 and \
