@@ -59,7 +59,7 @@ def run(ctx) -> list[Row]:
                          budget_s=ctx.group_budget("c"), min_reps=ctx.min_reps(), device=ctx.device)
     p = t.paired("sra", "plain")
     rows.append(Row("c", "dit-B/2 SRA", "SRA step ÷ plain step", p["median"], "×", ("<=", 1.20), noise=p["half_iqr"],
-                    note=f"EMA teacher to block {sra.objective.aux["sra"].teacher_layer}; "
+                    note=f"EMA teacher to block {sra.objective.aux['sra'].teacher_layer}; "
                          f"head {sra.aux_params / 1e6:.2f}M params",
                     extra={"seconds": t.median, "samples_s": t.samples, "paired": p, "batch": ctx.batch,
                            "params": sra.num_params, "aux_params": sra.aux_params}))

@@ -50,3 +50,20 @@ def run_cli(*args, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "ddaepp_cli", *map(str, args)], capture_output=True,
                           text=True, env=e, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+def cli_inprocess(*args):
+    """`ddaepp ARGS` inside this process (Typer's runner): the same command code, exit codes and stdout
+    without a new interpreter — for checks that need no real process (dry-runs, parameter counts)."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from ddaepp_cli.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    try:
+        stderr = r.stderr
+    except ValueError:  # older Click mixes stderr into output
+        stderr = ""
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=stderr, output=r.output)

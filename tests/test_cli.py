@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_inprocess, run_cli
 
 RECIPES = ROOT / "recipes"
 
 
 def dry(recipe, *extra):
-    r = run_cli("train", recipe, "--dry-run", "--json", *extra)
+    r = cli_inprocess("train", recipe, "--dry-run", "--json", *extra)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)  # exactly one JSON object on stdout
 
@@ -37,7 +37,7 @@ def test_dry_run_batch_plan():
 
 
 def test_dry_run_human_output_shows_recipe_and_plan():
-    r = run_cli("train", RECIPES / "cifar10_edm_ddpmpp_sc.yaml", "--dry-run")
+    r = cli_inprocess("train", RECIPES / "cifar10_edm_ddpmpp_sc.yaml", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "56,984,579" in r.stdout and "layer: out_9" in r.stdout and "gradient accumulation" in r.stdout
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_inprocess
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import build_backbone
 from ddaepp_cli.nets.dit import rope_tables, sincos_pos_embed_2d
@@ -34,7 +34,7 @@ def test_dry_run_counts_of_table4_recipes():
     expected = {"imagenet256_rf_ditb": 129_788_960, "imagenet256_rf_ditl_sc": 457_129_984 + 2_362_368,
                 "imagenet256_rf_ditxl_cond": 675_256_736, "imagenet256_rf_ditb_cond_sc": 130_556_192 + 1_378_560}
     for name, params in expected.items():
-        r = run_cli("train", ROOT / "recipes" / f"{name}.yaml", "--dry-run", "--json")
+        r = cli_inprocess("train", ROOT / "recipes" / f"{name}.yaml", "--dry-run", "--json")
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert out["params"] == params, name
