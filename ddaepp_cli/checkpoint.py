@@ -1,4 +1,4 @@
-"""Self-describing, atomically written checkpoints (SPEC §3).
+"""Self-describing, atomically written checkpoints.
 
     checkpoints/step-0001000/
       model.safetensors   raw weights      (metadata: recipe YAML, step, kind)
@@ -158,7 +158,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def select_checkpoints(path: str | os.PathLike, spec: str | None = None) -> list[Path]:
-    """RUN_OR_CKPT plus `--checkpoints SPEC` → checkpoint folders, oldest first.
+    """RUN_OR_CKPT plus `--checkpoints WHICH` → checkpoint folders, oldest first.
 
     spec None / "latest": the latest (or the given checkpoint); "all": every complete checkpoint of
     the run; "100000,200000" or "step-0100000,…": those steps. DDAE++ Tab. 2 reports the best of

@@ -1,4 +1,4 @@
-"""LightningDiT backbone (nets/dit.py): parameter counts against architecture.md §0.1/§3.3 and DDAE++ Tab. 4,
+"""LightningDiT backbone (nets/dit.py): parameter counts against docs/design.md §4 and DDAE++ Tab. 4,
 self-conditioning as an exact no-op at init, the tap API, labels, and the shipped Table 4 recipes."""
 
 import json

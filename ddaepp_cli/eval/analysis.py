@@ -1,5 +1,5 @@
 """DDAE's label-free metrics and its noise-conditional classifier (DDAE §3.3 Eqs. 3–4, §4.1.3 Eq. 5;
-architecture.md §9.4–9.5).
+FutureXiang/ddae `contrastive.py`, `noisy_classifier_DDAE.py`).
 
 * Alignment / uniformity (`ddaepp align`): features of the same training image under two
   independent noises, L2-normalised; alignment = E‖f(x^ε1) − f(x^ε2)‖² (α = 2), uniformity =
@@ -151,7 +151,7 @@ def _short(run: dict) -> str:
 
 
 class NoiseLevels:
-    """Training draws and test grid of noise levels, with the raw value τ(t) embeds (architecture.md §9.5)."""
+    """Training draws and test grid of noise levels, with the raw value τ(t) embeds (FutureXiang/ddae `noisy_classifier_DDAE.py`)."""
 
     def __init__(self, formulation):
         self.f = formulation

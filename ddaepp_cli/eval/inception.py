@@ -1,7 +1,7 @@
 """Inception-v3 weights for FID / IS / KID: torch-fidelity's `inception-v3-compat` (the TF graph
 `inception-2015-12-05` that TTUR, ADM and EDM use), where its weights live, how they are checked.
 
-Weights are never downloaded behind the user's back (SPEC §6: no downloads at run time). They are
+Weights are never downloaded behind the user's back (no downloads at run time). They are
 looked up, in order, at
 
 1. `--inception-weights PATH`;

@@ -1,5 +1,5 @@
 """Linear probing of frozen diffusion features: the layer × timestep grid in one pass (DDAE §3.2,
-DDAE++ App. B "Linear and dense probing", Tab. 10; architecture.md §9.1–9.2).
+DDAE++ App. B "Linear and dense probing", Tab. 10; FutureXiang/ddae `linear.py`).
 
 Protocol (`ddae++`, the default): EMA weights; each training batch is flipped at random, noised at
 every requested time with fresh noise (the same ε for all times of a batch) and passed through the

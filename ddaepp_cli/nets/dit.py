@@ -1,5 +1,5 @@
 """LightningDiT (Yao et al., 2025; `LightningDiT:models/lightningdit.py`) for latents, as DDAE++ uses it
-(§5.2, Tab. 8; architecture.md §3), with DDAE++ self-conditioning (§4.1) and the feature-tap API.
+(§5.2, Tab. 8; hustvl/LightningDiT `models/lightningdit.py`), with DDAE++ self-conditioning (§4.1) and the feature-tap API.
 
 Layout per block (adaLN-Zero, DiT): c = t_emb(t) + y_emb(y) → SiLU → Linear(D→6D) gives shift/scale/gate
 for attention and MLP; x += gate·Attn(modulate(RMSNorm(x))); x += gate·SwiGLU(modulate(RMSNorm(x))).
@@ -10,8 +10,8 @@ Final layer: RMSNorm → adaLN (shift, scale) → Linear(D → p²·C), zero-ini
 Parameter counts (all parameters, frozen positional embedding included; 32×16×16 latents, patch 1),
 pinned by tests: B/1 1000-class 130,556,192, L/1 458,152,960, XL/1 675,256,736. Unconditional models
 (`num_classes=0`) keep LightningDiT's 2-row label table (one "unconditional" row + the null row), so
-B/1 129,788,960 and L/1 457,129,984 — the counts behind the paper's 129.8M / 457.1M (architecture.md
-§3.3). Every sample of an unconditional model uses row 0; the table costs 2·D parameters and keeps
+B/1 129,788,960 and L/1 457,129,984 — the counts behind the paper's 129.8M / 457.1M (docs/design.md
+§4). Every sample of an unconditional model uses row 0; the table costs 2·D parameters and keeps
 checkpoints interchangeable with LightningDiT's layout.
 
 Labels: `class_labels=None` means the null class (row `num_classes`) for a conditional model — what
@@ -19,7 +19,7 @@ CFG's unconditional branch and DDAE's DiT probe feed — and row 0 for an uncond
 dropout for CFG (p = 0.1) is applied by the training objective, which draws the drop bits from the
 shared generator (train.py), not inside the network.
 
-Self-conditioning (DDAE++ §4.1, architecture.md §4.3): after block ℓ the tokens are mean-pooled and
+Self-conditioning (DDAE++ §4.1, docs/design.md §3): after block ℓ the tokens are mean-pooled and
 `SelfCond` adds s(t) ⊙ P(pool) to c for blocks ℓ+1…N and the final layer: +1,378,560 (B),
 +2,362,368 (L), +2,952,576 (XL); P is zero-initialised, so the model starts as its baseline bit for bit.
 
@@ -41,7 +41,7 @@ from ddaepp_cli.nets.selfcond import SelfCond
 from ddaepp_cli.nets.taps import TapModule
 
 # LightningDiT_B_1 / XL_1; L/1 is not registered there: LightningDiT(depth=24, hidden 1024, 16 heads,
-# patch 1) as DDAE++ Tab. 8 (architecture.md §3.2). Options = LightningDiT defaults (`use_swiglu`,
+# patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults (`use_swiglu`,
 # `use_rmsnorm`, `use_rope` on, `use_qknorm` off).
 DIT_PRESETS: dict[str, dict] = {
     "B": dict(width=768, depth=12, heads=12),
@@ -81,7 +81,7 @@ def rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """EVA-02 `VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid)`: (N, head_dim) cos and sin.
 
     Per axis head_dim/4 frequencies 10000^(−2j/(head_dim/2)), each repeated for an interleaved pair; the
-    first half of the head rotates with the row index, the second with the column (architecture.md §3.1).
+    first half of the head rotates with the row index, the second with the column (hustvl/LightningDiT `models/pos_embed.py` `VisionRotaryEmbeddingFast`).
     """
     d = head_dim // 2
     freqs = 1.0 / 10_000 ** (torch.arange(0, d, 2, dtype=torch.float64)[: d // 2] / d)  # (d/2,)
@@ -233,7 +233,7 @@ class DiT(TapModule):
         # LightningDiT: num_classes + 1 rows (the last = null class); unconditional: 1 + null (module doc)
         self.y_embedder = nn.Embedding(max(num_classes, 1) + 1, width)
         pos = torch.from_numpy(sincos_pos_embed_2d(width, grid)).float()[None]  # (1, N, D)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen, counted (architecture.md §3.3)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen, counted (hustvl/LightningDiT; docs/design.md §4)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch_size, in_channels)
         if rope:

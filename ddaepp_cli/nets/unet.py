@@ -1,6 +1,6 @@
-"""The DDAE UNets `ddpm` and `ddpmpp` (official DDAE `model/unet.py`; architecture.md §1; DDAE++ Tab. 8).
+"""The DDAE UNets `ddpm` and `ddpmpp` (FutureXiang/ddae `model/unet.py`; DDAE++ Tab. 8).
 
-Topology (architecture.md §1.2): image_proj → encoder (per level: `n_blocks` ResAtt blocks, then a
+Topology (FutureXiang/ddae `model/unet.py` `UNet.__init__`, `forward_core`): image_proj → encoder (per level: `n_blocks` ResAtt blocks, then a
 down-sampler except at the last level; every output is pushed on the skip stack) → middle
 (Res → Attn → Res) → decoder (per level, reversed: `n_blocks + 1` ResAtt blocks each eating
 concat(x, skip.pop()), then an up-sampler except at level 0) → GN(8) → SiLU → Conv3×3.
@@ -11,9 +11,9 @@ Layer names (the tap API, `taps.py`), in execution order:
   exactly the skip that `out_{K+1-k}` concatenates.
 * `mid` — the middle block's output.
 * `out_1 … out_K` — the decoder ResAtt block outputs (after their attention, before any following
-  up-sampler): DDAE's hook names (architecture.md §1.5), 12 for `ddpm` and 15 for `ddpmpp`.
+  up-sampler): DDAE's hook names (FutureXiang/ddae `model/unet.py`), 12 for `ddpm` and 15 for `ddpmpp`.
 
-Self-conditioning (DDAE++ §4.1; architecture.md §4.3): with `selfcond_layer="out_ℓ"`, the output of
+Self-conditioning (DDAE++ §4.1; docs/design.md §3): with `selfcond_layer="out_ℓ"`, the output of
 `out_ℓ` is mean-pooled over H, W and `SelfCond` adds its projection to the time embedding used by every
 later decoder block (BigGAN up-blocks included); encoder, middle and blocks ≤ ℓ keep the original.
 """
@@ -41,7 +41,7 @@ from ddaepp_cli.nets.selfcond import SelfCond
 from ddaepp_cli.nets.taps import TapModule
 
 # DDAE `config/*.yaml` and DDAE++ Tab. 8. Counted parameters (augment_dim 0): ddpm 35,746,307,
-# ddpmpp 56,524,291 (architecture.md §0.1). Recipes pick a preset and override little
+# ddpmpp 56,524,291 (docs/design.md §4). Recipes pick a preset and override little
 # (dropout 0.13 for EDM, augment_dim 9 with non-leaky augmentation).
 UNET_PRESETS: dict[str, dict] = {
     "ddpm": dict(
@@ -189,7 +189,7 @@ class UNet(TapModule):
                 dec_taps.append(None)
         assert not skip_channels, "every skip must be consumed"
 
-        self.out_norm = group_norm(ch, groups=8)  # DDAE's final norm has 8 groups (architecture.md §12.12)
+        self.out_norm = group_norm(ch, groups=8)  # DDAE's final norm has 8 groups (FutureXiang/ddae `model/unet.py`)
         self.out_conv = nn.Conv2d(ch, out_channels, kernel_size=3, padding=1)
 
         self._enc_taps, self._dec_taps = tuple(enc_taps), tuple(dec_taps)

@@ -1,11 +1,11 @@
-"""UViT-S for CIFAR (official U-ViT `libs/uvit.py` + `configs/cifar10_uvit_small.py`; architecture.md §2),
+"""UViT-S for CIFAR (official U-ViT `libs/uvit.py` + `configs/cifar10_uvit_small.py`),
 with DDAE++'s [CLS] self-conditioning and augmentation token (DDAE++ §4.1–4.2, Fig. 2).
 
 Everything is a token (B, N, D): the raw sinusoid of the time (no MLP), the optional augmentation
 token, the optional [CLS] token and the 16×16 = 256 patch tokens of 2×2 patches. 13 pre-LN transformer
 blocks — 6 `in`, 1 `mid`, 6 `out` — where `out_k` first maps concat(x, skip) through Linear(2D→D), the
 skip being the output of in-block 7−k (LIFO, every token included). Head: LN → Linear(D → p·p·C) →
-drop the extra tokens → unpatchify → Conv3×3. UViT-S: 44,255,328 parameters (architecture.md §2.2).
+drop the extra tokens → unpatchify → Conv3×3. UViT-S: 44,255,328 parameters (docs/design.md §4).
 
 Sequence layout:   [CLS]? | time | aug? | patches…        (extras = tokens before the patches)
 
@@ -20,7 +20,7 @@ Sequence layout:   [CLS]? | time | aug? | patches…        (extras = tokens bef
   every other pair attends. `mask_cls_aug=False` keeps full attention (the ablation of §4.2).
 * Attention runs in float32 as in U-ViT (its `.float()` before SDPA) — stabler under bf16 autocast.
 
-Time input (architecture.md §2.5 left it open): the formulation hands every backbone its `net_time`
+Time input (open in DDAE++; docs/design.md §2): the formulation hands every backbone its `net_time`
 (DDPM: t/T ∈ (0, 1], as the DDAE UNets need). The MLP-free token cannot stretch that narrow range, so
 the UViT multiplies by `time_scale` before the sinusoid: 1000 makes the DDPM token the sinusoid of the
 integer step t ∈ {1..1000} (U-ViT itself feeds 999·t for t ∈ (0, 1]). DDAE++ trains UViT with DDPM only
@@ -177,7 +177,7 @@ class UViT(TapModule):
         self.register_buffer("attn_mask", mask, persistent=False)
 
         # U-ViT init: trunc-normal(0.02) pos-embed and Linear weights, zero biases, LayerNorm (1, 0);
-        # convs keep PyTorch's default. [CLS]: trunc-normal(0.02) too (architecture.md §2.3).
+        # convs keep PyTorch's default. [CLS]: trunc-normal(0.02) too (like U-ViT's other tokens, `libs/uvit.py` `_init_weights`).
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
