@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT, run_cli
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import build_backbone
-from ddaepp_cli.nets.dit import rope_tables, sincos_pos_embed_2d
+from ddaepp_cli.nets.common import sincos_pos_embed_2d
+from ddaepp_cli.nets.dit import rope_tables
 
 
 def count(**kw) -> int:

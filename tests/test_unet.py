@@ -10,7 +10,7 @@ import torch
 
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import BACKBONES, build_backbone
-from ddaepp_cli.nets.layers import sinusoidal_embedding
+from ddaepp_cli.nets.common import sinusoidal_embedding
 from ddaepp_cli.nets.taps import expand_layer_spec, validate_layers
 
 UNETS = ("ddpm", "ddpmpp")

@@ -8,7 +8,7 @@ import torch
 
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import build_backbone
-from ddaepp_cli.nets.uvit import uvit_time_embedding
+from ddaepp_cli.nets.common import timestep_embedding as uvit_time_embedding
 from ddaepp_cli.training.state import param_groups
 
 TINY = dict(image_size=8, in_channels=1, width=32, depth=4, heads=2)

@@ -192,7 +192,7 @@ class NoisyClassifier(nn.Module):
         self.head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, num_classes))
 
     def forward(self, features: Tensor, t_raw: Tensor) -> Tensor:
-        from ..nets.layers import sinusoidal_embedding
+        from ..nets.common import sinusoidal_embedding
 
         tau = self.time(sinusoidal_embedding(t_raw, self.sinusoid_dim))  # (B, D)
         return self.head(features + tau)  # (B, K)

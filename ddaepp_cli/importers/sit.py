@@ -143,6 +143,6 @@ def convert(sd, model: torch.nn.Module, path: Path) -> Mapped:
 
 
 def _pos_table(cfg: dict) -> torch.Tensor:
-    from ..nets.dit import sincos_pos_embed_2d
+    from ..nets.common import sincos_pos_embed_2d
 
     return torch.from_numpy(sincos_pos_embed_2d(cfg["width"], cfg["image_size"] // cfg["patch_size"])).float()[None]

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nets.layers import TimeEmbedding, sinusoidal_embedding
+from ..nets.common import sinusoidal_embedding
+from ..nets.layers import TimeEmbedding
 from .aux import AuxLoss, teacher_input
 
 def pool(feat: Tensor) -> Tensor:

@@ -28,15 +28,23 @@ Taps: `"1"`…`"depth"` = the output tokens of that block, (B, N, D) (1-indexed,
 
 from __future__ import annotations
 
-import inspect
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.nets.common import (
+    batch_time,
+    build_preset,
+    class_labels_or_null,
+    init_config,
+    modulate,
+    patch_tokens,
+    sincos_pos_embed_2d,
+    timestep_embedding,
+    unpatchify,
+)
 from ddaepp_cli.nets.selfcond import SelfCond
 from ddaepp_cli.nets.taps import TapModule
 
@@ -54,27 +62,6 @@ FREQ_DIM = 256  # t-embedder sinusoid width (DiT `frequency_embedding_size`)
 # ------------------------------------------------------------------------------------------------
 # Embeddings
 # ------------------------------------------------------------------------------------------------
-
-
-def timestep_sinusoid(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10_000.0) -> torch.Tensor:
-    """DiT's `timestep_embedding`: [cos(t·f_k), sin(t·f_k)], f_k = exp(−ln(max_period)·k/(dim/2)), float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
-    return torch.cat((args.cos(), args.sin()), dim=1)  # (B, dim)
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """MAE/DiT `get_2d_sincos_pos_embed` (grid×grid, dim) float64: first dim/2 channels encode the
-    column, last dim/2 the row (its `meshgrid(grid_w, grid_h)`), each [sin, cos] over dim/4 frequencies."""
-    coords = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))  # (w, h) grids
-
-    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))  # (d/2,)
-        out = pos.reshape(-1)[:, None] * omega[None]  # (N, d/2)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (N, d)
-
-    return np.concatenate([one_d(dim // 2, coords[0]), one_d(dim // 2, coords[1])], axis=1)  # (N, dim)
 
 
 def rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +100,6 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
-
-
 # ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
@@ -135,14 +118,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, D/H)
         if rope is not None:
             cos, sin = (r.to(q.dtype) for r in rope)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         a = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
-        return self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return self.proj(rearrange(a, "b h n d -> b n (h d)"))
 
 
 class SwiGLU(nn.Module):
@@ -211,11 +193,7 @@ class DiT(TapModule):
         name: str = "dit",
     ):
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-            heads=heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, rope=rope, num_classes=num_classes,
-            selfcond_layer=selfcond_layer, selfcond_mode=selfcond_mode,
-        )  # fmt: skip
+        self.config = init_config(DiT, locals())
         if image_size % patch_size:
             raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size}")
         if width % heads or (width // heads) % 4:
@@ -287,18 +265,12 @@ class DiT(TapModule):
         class_labels: torch.Tensor | None = None,
         aug_label: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if aug_label is not None:
-            raise UsageError(f"{self.backbone_name} takes no augmentation label")
         B, C, H, W = x.shape
-        if t.ndim == 0:
-            t = t.expand(B)
-        if class_labels is None:  # null class (conditional) or the unconditional row (module doc)
-            class_labels = torch.full((B,), self.num_classes if self.num_classes else 0, device=x.device)
-        elif self.num_classes == 0:
-            raise UsageError(f"{self.backbone_name} is unconditional (num_classes 0): class_labels must be None")
+        t = batch_time(t, B)
+        class_labels = class_labels_or_null(self, class_labels, aug_label, B, x.device)  # module doc
         feats: dict[str, torch.Tensor] = {}
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-        t_sin = timestep_sinusoid(t)  # (B, 256), raw t as LightningDiT
+        h = patch_tokens(self.x_embedder(x)) + self.pos_embed  # (B, N, D)
+        t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256), raw t as LightningDiT
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
         for k, block in enumerate(self.blocks, start=1):
@@ -311,18 +283,10 @@ class DiT(TapModule):
             if name == self.selfcond_layer:
                 c = self.selfcond(h.mean(dim=1), t_sin, c)  # (B, D) → used by blocks ℓ+1…N and the head
         h = self.final_layer(h, c)  # (B, N, p·p·C)
-        p, hp, wp = self.patch_size, H // self.patch_size, W // self.patch_size
-        h = h.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)  # DiT unpatchify
-        return h, feats
+        return unpatchify(h, self.patch_size, H, W), feats  # (B, C, H, W)
 
 
 def build_dit(size: str = "B", **overrides) -> DiT:
     """`DiT` from a size preset (B, L, XL) with recipe overrides (None = the preset's value)."""
-    if size not in DIT_PRESETS:
-        raise UsageError(f"unknown DiT size {size!r}; valid: {choices(DIT_PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
-    valid = [p for p in inspect.signature(DiT.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for dit; valid: {choices(valid)}")
-    return DiT(**{**DIT_PRESETS[size], **overrides, "name": "dit"})
+    return build_preset(DiT, DIT_PRESETS, size, overrides, what="DiT size", name="dit")

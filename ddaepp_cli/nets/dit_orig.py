@@ -32,14 +32,23 @@ are added to c for the later blocks and the final layer (P zero-initialised).
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
-from ddaepp_cli.nets.dit import FREQ_DIM, modulate, sincos_pos_embed_2d, timestep_sinusoid
+from ddaepp_cli.nets.common import (
+    batch_time,
+    build_preset,
+    class_labels_or_null,
+    init_config,
+    modulate,
+    sincos_pos_embed_2d,
+    timestep_embedding,
+    unpatchify,
+)
+from ddaepp_cli.nets.dit import FREQ_DIM
 from ddaepp_cli.nets.selfcond import SelfCond
 from ddaepp_cli.nets.taps import TapModule
 
@@ -104,11 +113,7 @@ class DiTOrig(TapModule):
         name: str = "dit_orig",
     ):
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-            heads=heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, learn_sigma=learn_sigma, num_classes=num_classes,
-            selfcond_layer=selfcond_layer, selfcond_mode=selfcond_mode,
-        )  # fmt: skip
+        self.config = init_config(DiTOrig, locals())
         if patch_size < 1 or image_size % patch_size:
             raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size} "
                              f"(DiT/SiT use {', '.join(map(str, PATCH_SIZES))})")
@@ -175,18 +180,12 @@ class DiTOrig(TapModule):
         class_labels: torch.Tensor | None = None,
         aug_label: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if aug_label is not None:
-            raise UsageError(f"{self.backbone_name} takes no augmentation label")
         B, C, H, W = x.shape
-        if t.ndim == 0:
-            t = t.expand(B)
-        if class_labels is None:  # null class (conditional) or the single unconditional row
-            class_labels = torch.full((B,), self.num_classes, device=x.device)
-        elif self.num_classes == 0:
-            raise UsageError(f"{self.backbone_name} is unconditional (num_classes 0): class_labels must be None")
+        t = batch_time(t, B)
+        class_labels = class_labels_or_null(self, class_labels, aug_label, B, x.device)  # null class / the one row
         feats: dict[str, torch.Tensor] = {}
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        t_sin = timestep_sinusoid(t)  # (B, 256) of the formulation's net_time
+        t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256) of the formulation's net_time
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
         for k, block in enumerate(self.blocks, start=1):
             h = block(h, c)
@@ -198,18 +197,10 @@ class DiTOrig(TapModule):
             if name == self.selfcond_layer:
                 c = self.selfcond(h.mean(dim=1), t_sin, c)
         h = self.final_layer(h, c)  # (B, N, p·p·C_out)
-        p, co = self.patch_size, self.out_channels
-        h = h.reshape(B, H // p, W // p, p, p, co).permute(0, 5, 1, 3, 2, 4).reshape(B, co, H, W)  # unpatchify
-        return h, feats
+        return unpatchify(h, self.patch_size, H, W), feats  # (B, C_out, H, W)
 
 
 def build_dit_orig(size: str = "B", **overrides) -> DiTOrig:
     """`DiTOrig` from a size preset (S, B, L, XL) with recipe overrides (None = the preset's value)."""
-    if size not in DIT_ORIG_PRESETS:
-        raise UsageError(f"unknown DiT/SiT size {size!r}; valid: {choices(DIT_ORIG_PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
-    valid = [p for p in inspect.signature(DiTOrig.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for dit_orig; valid: {choices(valid)}")
-    return DiTOrig(**{**DIT_ORIG_PRESETS[size], **overrides, "name": "dit_orig"})
+    return build_preset(DiTOrig, DIT_ORIG_PRESETS, size, overrides, what="DiT/SiT size", name="dit_orig")

@@ -7,8 +7,6 @@ initialisation (the DDAE UNet zero-inits nothing), works on channels_last inputs
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,21 +23,9 @@ def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
 # ------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """DDAE's sinusoid of a (B,) float time: [sin(t·f_k), cos(t·f_k)], f_k = exp(−k·ln(max_period)/(dim/2 − 1)).
-
-    The frequencies run endpoint-inclusive from 1 down to 1/max_period (DDAE `TimeEmbedding`); DiT's
-    embedder uses a different grid and order, so it keeps its own function. Always float32.
-    """
-    half = dim // 2
-    k = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(k * (-math.log(max_period) / (half - 1)))  # (D/2,)
-    args = t.float()[:, None] * freqs[None, :]  # (B, D/2)
-    return torch.cat((args.sin(), args.cos()), dim=1)  # (B, D)
-
-
 class TimeEmbedding(nn.Module):
-    """sinusoid (B, F) [+ bias-free Linear(aug)] → Linear(F→D) → SiLU → Linear(D→D) (FutureXiang/ddae `model/block.py` `TimeEmbedding`).
+    """sinusoid (B, F) [+ bias-free Linear(aug)] → Linear(F→D) → SiLU → Linear(D→D) (FutureXiang/ddae
+    `model/block.py` `TimeEmbedding`; the sinusoid is common.sinusoidal_embedding).
 
     No SiLU after the last Linear: every ResidualBlock applies its own. The augmentation projection has
     no bias, so `aug_label=None` and an all-zero label give the same bits — what makes the EDM

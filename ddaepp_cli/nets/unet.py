@@ -20,7 +20,6 @@ later decoder block (BigGAN up-blocks included); encoder, middle and blocks ≤ 
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
@@ -35,8 +34,8 @@ from ddaepp_cli.nets.layers import (
     TimeEmbedding,
     Upsample,
     group_norm,
-    sinusoidal_embedding,
 )
+from ddaepp_cli.nets.common import batch_time, build_preset, check_unconditional, init_config, sinusoidal_embedding
 from ddaepp_cli.nets.selfcond import SelfCond
 from ddaepp_cli.nets.taps import TapModule
 
@@ -119,12 +118,7 @@ class UNet(TapModule):
         super().__init__()
         ch_mults, attn_resolutions = tuple(ch_mults), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
-        self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, image_size=image_size, channels=channels,
-            ch_mults=ch_mults, n_blocks=n_blocks, attn_resolutions=attn_resolutions, dropout=dropout,
-            resample=resample, augment_dim=augment_dim, selfcond_layer=selfcond_layer,
-            selfcond_mode=selfcond_mode,
-        )  # fmt: skip
+        self.config = init_config(UNet, locals())
         n_levels = len(ch_mults)
         resolutions = [image_size >> level for level in range(n_levels)]
         self._check_config(name, n_levels, image_size, channels, n_blocks, resolutions, attn_resolutions, resample)
@@ -234,12 +228,8 @@ class UNet(TapModule):
         aug_label: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if class_labels is not None:
-            raise UsageError(f"{self.backbone_name} is unconditional: class_labels must be None")
-        if aug_label is not None and self.augment_dim == 0:
-            raise UsageError(f"{self.backbone_name} got aug_label but was built with augment_dim=0")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        check_unconditional(self, class_labels, aug_label)
+        t = batch_time(t, x.shape[0])
         feats: dict[str, torch.Tensor] = {}
 
         t_sin = sinusoidal_embedding(t, self.sinusoid_dim)  # (B, F)
@@ -282,10 +272,4 @@ class UNet(TapModule):
 
 def build_unet(preset: str, **overrides) -> UNet:
     """`UNet` from a named preset with recipe overrides; an unknown option fails listing the valid ones."""
-    if preset not in UNET_PRESETS:
-        raise UsageError(f"unknown UNet preset {preset!r}; valid: {choices(UNET_PRESETS)}")
-    valid = [p for p in inspect.signature(UNet.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for {preset}; valid: {choices(valid)}")
-    return UNet(**{**UNET_PRESETS[preset], **overrides, "name": preset})
+    return build_preset(UNet, UNET_PRESETS, preset, overrides, what="UNet preset", name=preset)

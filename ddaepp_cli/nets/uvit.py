@@ -35,31 +35,27 @@ Feature taps (taps.py): `in_1..in_6`, `mid`, `out_1..out_6` return the block's o
 
 from __future__ import annotations
 
-import inspect
-import math
-
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.nets.common import (
+    batch_time,
+    build_preset,
+    check_unconditional,
+    init_config,
+    patch_tokens,
+    timestep_embedding,
+    unpatchify,
+)
 from ddaepp_cli.nets.taps import TapModule
 
 # U-ViT `configs/cifar10_uvit_small.py` (DDAE++ Tab. 8: patch 2, hidden 512, 13 layers, 8 heads, 44.3M).
 UVIT_PRESETS: dict[str, dict] = {
     "S": dict(patch_size=2, width=512, depth=12, heads=8, mlp_ratio=4.0, qkv_bias=False),
 }
-
-
-def uvit_time_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """U-ViT's `timestep_embedding`: [cos(t·f_k), sin(t·f_k)], f_k = exp(−ln(max_period)·k/(dim/2)), float32.
-
-    A different grid and order from the DDAE UNets' sinusoid (layers.sinusoidal_embedding).
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None, :]  # (B, D/2)
-    return torch.cat((args.cos(), args.sin()), dim=1)  # (B, D)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,11 +73,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).float().unbind(0)  # each (B, H, N, D/H), float32 as U-ViT
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k, v = qkv.float().unbind(0)  # each (B, H, N, D/H), float32 as U-ViT
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, D/H)
-        return self.proj(a.transpose(1, 2).reshape(B, N, D).to(x.dtype))  # (B, N, D)
+        return self.proj(rearrange(a, "b h n d -> b n (h d)").to(x.dtype))  # (B, N, D)
 
 
 class Block(nn.Module):
@@ -134,11 +129,7 @@ class UViT(TapModule):
         name: str = "uvit",
     ):
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-            heads=heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, time_scale=time_scale, augment_dim=augment_dim,
-            cls_token=cls_token, cls_tap=cls_tap, mask_cls_aug=mask_cls_aug,
-        )  # fmt: skip
+        self.config = init_config(UViT, locals())
         if image_size % patch_size:
             raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size}")
         if width % heads or (width // heads) % 2:
@@ -209,8 +200,8 @@ class UViT(TapModule):
 
     def _tokens(self, x: torch.Tensor, t: torch.Tensor, aug_label: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
-        patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N_p, D)
-        time = uvit_time_embedding(t * self.time_scale, self.width).to(patches.dtype)[:, None]  # (B, 1, D)
+        patches = patch_tokens(self.patch_embed(x))  # (B, N_p, D)
+        time = timestep_embedding(t * self.time_scale, self.width).to(patches.dtype)[:, None]  # (B, 1, D)
         seq = [time]
         if self.aug_embed is not None:
             if aug_label is None:  # zero token == Linear(0) bit for bit: "no augmentation"
@@ -232,13 +223,9 @@ class UViT(TapModule):
         aug_label: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if class_labels is not None:
-            raise UsageError(f"{self.backbone_name} is unconditional: class_labels must be None")
-        if aug_label is not None and self.augment_dim == 0:
-            raise UsageError(f"{self.backbone_name} got aug_label but was built with augment_dim=0")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        check_unconditional(self, class_labels, aug_label)
         B, C, H, W = x.shape
+        t = batch_time(t, B)
         feats: dict[str, torch.Tensor] = {}
         e, mask = self.extras, self.attn_mask
 
@@ -266,17 +253,9 @@ class UViT(TapModule):
                 return None, feats
 
         h = self.decoder_pred(self.norm(h))[:, e:]  # (B, N_p, p·p·C)
-        p, hp, wp = self.patch_size, H // self.patch_size, W // self.patch_size
-        h = h.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)  # unpatchify (p1 p2 C)
-        return self.final_layer(h), feats  # (B, C, H, W)
+        return self.final_layer(unpatchify(h, self.patch_size, H, W)), feats  # (B, C, H, W)  # (B, C, H, W)
 
 
 def build_uvit(preset: str = "S", **overrides) -> UViT:
     """`UViT` from a named preset with recipe overrides; an unknown option fails listing the valid ones."""
-    if preset not in UVIT_PRESETS:
-        raise UsageError(f"unknown UViT preset {preset!r}; valid: {choices(UVIT_PRESETS)}")
-    valid = [p for p in inspect.signature(UViT.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for uvit; valid: {choices(valid)}")
-    return UViT(**{**UVIT_PRESETS[preset], **overrides, "name": "uvit"})
+    return build_preset(UViT, UVIT_PRESETS, preset, overrides, what="UViT preset", name="uvit")
