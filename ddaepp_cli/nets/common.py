@@ -22,8 +22,11 @@ import math
 import numpy as np
 import torch
 from einops import rearrange
+from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.nets.selfcond import SelfCond
+from ddaepp_cli.nets.taps import TapModule
 
 # ------------------------------------------------------------------------------------------------
 # Time and position embeddings
@@ -136,3 +139,70 @@ def class_labels_or_null(
     if model.num_classes == 0:
         raise UsageError(f"{model.backbone_name} is unconditional (num_classes 0): class_labels must be None")
     return class_labels
+
+
+# ------------------------------------------------------------------------------------------------
+# The adaLN-Zero transformer trunk of both DiTs (dit.py: LightningDiT, dit_orig.py: DiT/SiT)
+# ------------------------------------------------------------------------------------------------
+
+FREQ_DIM = 256  # t-embedder sinusoid width (DiT `frequency_embedding_size`)
+
+
+class AdaLNTrunk(TapModule):
+    """What LightningDiT and the original DiT/SiT share once their layers exist: `x_embedder` (a patch
+    conv), `t_embedder`, `y_embedder`, `pos_embed`, `blocks` (adaLN-Zero) and `final_layer`.
+
+    Taps `"1"`…`"depth"` are the blocks' output tokens; self-conditioning (DDAE++ §4.1) may follow any
+    block but the last, and its pooled tokens condition the later blocks and the final layer.
+    """
+
+    def _init_adaln_weights(self, patch_conv: nn.Conv2d) -> None:
+        """DiT `models.py` `initialize_weights` (LightningDiT keeps it), rule by rule."""
+        for m in self.modules():  # xavier-uniform Linear weights, zero biases (timm's layers included)
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = patch_conv.weight  # patch embed: xavier over the flattened kernel, zero bias
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(patch_conv.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def _selfcond_and_taps(self, name: str, depth: int, width: int, selfcond_layer, selfcond_mode: str) -> None:
+        """Build self-conditioning after the weight init (so P stays 0) and register the block taps."""
+        names = [str(k) for k in range(1, depth + 1)]
+        self.selfcond_layer, self.selfcond = None, None
+        if selfcond_layer is not None:
+            selfcond_layer = str(selfcond_layer)
+            if selfcond_layer not in names[:-1]:  # after the last block only the final layer would see it
+                raise UsageError(f"invalid selfcond_layer {selfcond_layer!r} for {name} (depth {depth}); "
+                                 f"valid: {choices(names[:-1])}")
+            self.selfcond_layer = selfcond_layer
+            self.selfcond = SelfCond(width, width, FREQ_DIM, mode=selfcond_mode)
+        self._register_taps(name, names, {n: width for n in names})
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}  # frozen anyway; listed so AdamW never sees it with decay
+
+    def _run_blocks(self, h, c, t_sin, taps: frozenset[str], stop_after: str | None, *block_args):
+        """The blocks on tokens h (B, N, D) with conditioning c (B, D) → (h, or None after `stop_after`;
+        c as self-conditioning left it, for the final layer; {tap: (B, N, D)})."""
+        feats: dict[str, torch.Tensor] = {}
+        for k, block in enumerate(self.blocks, start=1):
+            h = block(h, c, *block_args)
+            name = str(k)
+            if name in taps:
+                feats[name] = h
+            if stop_after == name:
+                return None, c, feats
+            if name == self.selfcond_layer:
+                c = self.selfcond(h.mean(dim=1), t_sin, c)  # (B, D) → used by blocks ℓ+1…N and the head
+        return h, c, feats

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets.common import (
+    FREQ_DIM,
+    AdaLNTrunk,
     batch_time,
     build_preset,
     class_labels_or_null,
@@ -45,8 +47,6 @@ from ddaepp_cli.nets.common import (
     timestep_embedding,
     unpatchify,
 )
-from ddaepp_cli.nets.selfcond import SelfCond
-from ddaepp_cli.nets.taps import TapModule
 
 # LightningDiT_B_1 / XL_1; L/1 is not registered there: LightningDiT(depth=24, hidden 1024, 16 heads,
 # patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults (`use_swiglu`,
@@ -56,7 +56,6 @@ DIT_PRESETS: dict[str, dict] = {
     "L": dict(width=1024, depth=24, heads=16),
     "XL": dict(width=1152, depth=28, heads=16),
 }
-FREQ_DIM = 256  # t-embedder sinusoid width (DiT `frequency_embedding_size`)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,26 +171,14 @@ class FinalLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class DiT(TapModule):
+class DiT(AdaLNTrunk):
     """LightningDiT velocity/noise predictor with the tap API; see the module docstring."""
 
     def __init__(
-        self,
-        *,
-        in_channels: int = 32,
-        image_size: int = 16,
-        patch_size: int = 1,
-        width: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qk_norm: bool = False,
-        rope: bool = True,
-        num_classes: int = 0,
-        selfcond_layer: str | None = None,
-        selfcond_mode: str = "adaptive",
-        name: str = "dit",
-    ):
+        self, *, in_channels: int = 32, image_size: int = 16, patch_size: int = 1, width: int = 768, depth: int = 12,
+        heads: int = 12, mlp_ratio: float = 4.0, qk_norm: bool = False, rope: bool = True, num_classes: int = 0,
+        selfcond_layer: str | None = None, selfcond_mode: str = "adaptive", name: str = "dit",
+    ):  # fmt: skip
         super().__init__()
         self.config = init_config(DiT, locals())
         if image_size % patch_size:
@@ -219,71 +206,22 @@ class DiT(TapModule):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.use_rope = rope
-        self._init_weights()
+        self._init_adaln_weights(self.x_embedder)
+        self._selfcond_and_taps(name, depth, width, selfcond_layer, selfcond_mode)
 
-        names = [str(k) for k in range(1, depth + 1)]
-        self.selfcond_layer, self.selfcond = None, None
-        if selfcond_layer is not None:
-            selfcond_layer = str(selfcond_layer)
-            if selfcond_layer not in names[:-1]:  # after the last block only the final layer would see it
-                raise UsageError(f"invalid selfcond_layer {selfcond_layer!r} for {name} (depth {depth}); "
-                                 f"valid: {choices(names[:-1])}")
-            self.selfcond_layer = selfcond_layer
-            self.selfcond = SelfCond(width, width, FREQ_DIM, mode=selfcond_mode)  # built after init: P stays 0
-        self._register_taps(name, names, {n: width for n in names})
-
-    def _init_weights(self) -> None:
-        """LightningDiT `initialize_weights`, rule by rule."""
-        for m in self.modules():  # xavier-uniform Linear weights, zero biases
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight  # patch embed: xavier over the flattened kernel, zero bias
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"}  # frozen anyway; listed so AdamW never sees it with decay
-
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        class_labels: torch.Tensor | None = None,
-        aug_label: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, class_labels=None, aug_label=None):
+        """TapModule's `_forward` (taps.py); `class_labels` (B,) or None for the null row (module doc)."""
         B, C, H, W = x.shape
         t = batch_time(t, B)
         class_labels = class_labels_or_null(self, class_labels, aug_label, B, x.device)  # module doc
-        feats: dict[str, torch.Tensor] = {}
         h = patch_tokens(self.x_embedder(x)) + self.pos_embed  # (B, N, D)
         t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256), raw t as LightningDiT
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-        for k, block in enumerate(self.blocks, start=1):
-            h = block(h, c, rope)
-            name = str(k)
-            if name in taps:
-                feats[name] = h
-            if stop_after == name:
-                return None, feats
-            if name == self.selfcond_layer:
-                c = self.selfcond(h.mean(dim=1), t_sin, c)  # (B, D) → used by blocks ℓ+1…N and the head
-        h = self.final_layer(h, c)  # (B, N, p·p·C)
-        return unpatchify(h, self.patch_size, H, W), feats  # (B, C, H, W)
+        h, c, feats = self._run_blocks(h, c, t_sin, taps, stop_after, rope)
+        if h is None:
+            return None, feats
+        return unpatchify(self.final_layer(h, c), self.patch_size, H, W), feats  # (B, C, H, W)
 
 
 def build_dit(size: str = "B", **overrides) -> DiT:

@@ -37,8 +37,10 @@ import torch
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
-from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets.common import (
+    FREQ_DIM,
+    AdaLNTrunk,
     batch_time,
     build_preset,
     class_labels_or_null,
@@ -48,9 +50,6 @@ from ddaepp_cli.nets.common import (
     timestep_embedding,
     unpatchify,
 )
-from ddaepp_cli.nets.dit import FREQ_DIM
-from ddaepp_cli.nets.selfcond import SelfCond
-from ddaepp_cli.nets.taps import TapModule
 
 # DiT:models.py `DiT_{S,B,L,XL}_{2,4,8}` (SiT:models.py uses the same table)
 DIT_ORIG_PRESETS: dict[str, dict] = {
@@ -92,26 +91,14 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C_out)
 
 
-class DiTOrig(TapModule):
+class DiTOrig(AdaLNTrunk):
     """The original DiT/SiT noise or velocity predictor with the tap API; see the module docstring."""
 
     def __init__(
-        self,
-        *,
-        in_channels: int = 4,
-        image_size: int = 32,
-        patch_size: int = 2,
-        width: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qk_norm: bool = False,
-        learn_sigma: bool = False,
-        num_classes: int = 0,
-        selfcond_layer: str | None = None,
-        selfcond_mode: str = "adaptive",
-        name: str = "dit_orig",
-    ):
+        self, *, in_channels: int = 4, image_size: int = 32, patch_size: int = 2, width: int = 768, depth: int = 12,
+        heads: int = 12, mlp_ratio: float = 4.0, qk_norm: bool = False, learn_sigma: bool = False,
+        num_classes: int = 0, selfcond_layer: str | None = None, selfcond_mode: str = "adaptive", name: str = "dit_orig",
+    ):  # fmt: skip
         super().__init__()
         self.config = init_config(DiTOrig, locals())
         if patch_size < 1 or image_size % patch_size:
@@ -134,70 +121,21 @@ class DiTOrig(TapModule):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen; a parameter as in DiT (counted)
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch_size, self.out_channels)
-        self._init_weights()
+        self._init_adaln_weights(self.x_embedder.proj)  # DiT `initialize_weights`
+        self._selfcond_and_taps(name, depth, width, selfcond_layer, selfcond_mode)
 
-        names = [str(k) for k in range(1, depth + 1)]
-        self.selfcond_layer, self.selfcond = None, None
-        if selfcond_layer is not None:
-            selfcond_layer = str(selfcond_layer)
-            if selfcond_layer not in names[:-1]:
-                raise UsageError(f"invalid selfcond_layer {selfcond_layer!r} for {name} (depth {depth}); "
-                                 f"valid: {choices(names[:-1])}")
-            self.selfcond_layer = selfcond_layer
-            self.selfcond = SelfCond(width, width, FREQ_DIM, mode=selfcond_mode)  # built after init: P stays 0
-        self._register_taps(name, names, {n: width for n in names})
-
-    def _init_weights(self) -> None:
-        """DiT:models.py `initialize_weights`, rule by rule."""
-        for m in self.modules():  # xavier-uniform Linear weights, zero biases (timm's layers included)
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight  # patch embed initialised like a Linear
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"}
-
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        class_labels: torch.Tensor | None = None,
-        aug_label: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, class_labels=None, aug_label=None):
+        """TapModule's `_forward` (taps.py); `class_labels` (B,) or None for the null row (module doc)."""
         B, C, H, W = x.shape
         t = batch_time(t, B)
         class_labels = class_labels_or_null(self, class_labels, aug_label, B, x.device)  # null class / the one row
-        feats: dict[str, torch.Tensor] = {}
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256) of the formulation's net_time
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
-        for k, block in enumerate(self.blocks, start=1):
-            h = block(h, c)
-            name = str(k)
-            if name in taps:
-                feats[name] = h
-            if stop_after == name:
-                return None, feats
-            if name == self.selfcond_layer:
-                c = self.selfcond(h.mean(dim=1), t_sin, c)
-        h = self.final_layer(h, c)  # (B, N, p·p·C_out)
-        return unpatchify(h, self.patch_size, H, W), feats  # (B, C_out, H, W)
+        h, c, feats = self._run_blocks(h, c, t_sin, taps, stop_after)
+        if h is None:
+            return None, feats
+        return unpatchify(self.final_layer(h, c), self.patch_size, H, W), feats  # (B, C_out, H, W)
 
 
 def build_dit_orig(size: str = "B", **overrides) -> DiTOrig:
