@@ -34,19 +34,8 @@ from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError
-from ddaepp_cli.nets.common import (
-    FREQ_DIM,
-    AdaLNTrunk,
-    batch_time,
-    build_preset,
-    class_labels_or_null,
-    init_config,
-    modulate,
-    patch_tokens,
-    sincos_pos_embed_2d,
-    timestep_embedding,
-    unpatchify,
-)
+from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, class_labels_or_null,
+    init_config, modulate, patch_tokens, sincos_pos_embed_2d, timestep_embedding, unpatchify)  # fmt: skip
 
 # LightningDiT_B_1 / XL_1; L/1 is not registered there: LightningDiT(depth=24, hidden 1024, 16 heads,
 # patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults (`use_swiglu`,

@@ -38,18 +38,8 @@ from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from ddaepp_cli.errors import UsageError
-from ddaepp_cli.nets.common import (
-    FREQ_DIM,
-    AdaLNTrunk,
-    batch_time,
-    build_preset,
-    class_labels_or_null,
-    init_config,
-    modulate,
-    sincos_pos_embed_2d,
-    timestep_embedding,
-    unpatchify,
-)
+from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, class_labels_or_null,
+    init_config, modulate, sincos_pos_embed_2d, timestep_embedding, unpatchify)  # fmt: skip
 
 # DiT:models.py `DiT_{S,B,L,XL}_{2,4,8}` (SiT:models.py uses the same table)
 DIT_ORIG_PRESETS: dict[str, dict] = {

@@ -218,16 +218,8 @@ class UNet(TapModule):
                 f"{name}: attention resolution {bad[0]} is not a level resolution; valid: {choices(resolutions)}"
             )
 
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        aug_label: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, aug_label=None, class_labels=None):
+        """TapModule's `_forward` (taps.py); `aug_label` (B, augment_dim) or None, `class_labels` None."""
         check_unconditional(self, class_labels, aug_label)
         t = batch_time(t, x.shape[0])
         feats: dict[str, torch.Tensor] = {}

@@ -41,15 +41,8 @@ from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
-from ddaepp_cli.nets.common import (
-    batch_time,
-    build_preset,
-    check_unconditional,
-    init_config,
-    patch_tokens,
-    timestep_embedding,
-    unpatchify,
-)
+from ddaepp_cli.nets.common import (batch_time, build_preset, check_unconditional, init_config, patch_tokens,
+    timestep_embedding, unpatchify)  # fmt: skip
 from ddaepp_cli.nets.taps import TapModule
 
 # U-ViT `configs/cifar10_uvit_small.py` (DDAE++ Tab. 8: patch 2, hidden 512, 13 layers, 8 heads, 44.3M).
@@ -213,16 +206,8 @@ class UViT(TapModule):
             x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)  # (B, extras + N_p, D)
         return x
 
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        aug_label: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, aug_label=None, class_labels=None):
+        """TapModule's `_forward` (taps.py); `aug_label` (B, augment_dim) or None, `class_labels` None."""
         check_unconditional(self, class_labels, aug_label)
         B, C, H, W = x.shape
         t = batch_time(t, B)
