@@ -224,12 +224,11 @@ def noisy_classifier(run_or_ckpt: str, *, layer: str | None = None, dataset: str
     """Library entry of `ddaepp noisy-classifier`: train over all noise levels, test per level.
 
     `epochs`, `batch_size`, `crop` = None: DDAE's (15, 512, crop) or `NOISY_DATASET_DEFAULTS`."""
-    from ..build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
     from .plots import accuracy_curve, check_png
     from .probe import cosine_lr
-    from ..sample import load_model, weights_of
+    from ..sample import load_for_eval
 
     check_png(plot)
     for name, v in (("--epochs", epochs), ("--batch-size", batch_size)):
@@ -241,9 +240,7 @@ def noisy_classifier(run_or_ckpt: str, *, layer: str | None = None, dataset: str
         raise UsageError(f"--n-test must be positive, got {n_test}")
     dev = pick_device(device)
     precision = precision_for(dev)
-    recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
-    weights = weights_of(run_or_ckpt, weights)  # a named .safetensors file decides (sample.py)
-    form = build_formulation(recipe)
+    recipe, model, ckpt, weights, form = load_for_eval(run_or_ckpt, weights, dev)  # weights: the file used
     train_ds = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root, command="noisy-classifier")
     test_ds = load_eval_dataset(recipe, dataset=dataset, split="test", root=data_root, command="noisy-classifier")
     check_same_classes(train_ds, test_ds)
