@@ -67,6 +67,24 @@ def _main_options(
     """Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA)."""
 
 
+
+# Options several commands share: one definition each, help text included.
+def json_option(help: str = "Print one JSON object on stdout."):
+    return typer.Option(False, "--json", help=help)
+
+
+def device_option():
+    return typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available).")
+
+
+def weights_option(help: str = "ema or raw."):
+    return typer.Option("ema", "--weights", help=help)
+
+
+def dataset_option():
+    return typer.Option(None, "--dataset", help="digits, cifar10, cifar100 or imagefolder (default: the recipe's).")
+
+
 def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()

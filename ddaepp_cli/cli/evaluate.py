@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .base import emit_json, app, handle_errors
+from .base import app, device_option, emit_json, handle_errors, json_option, weights_option
 from ..errors import UsageError
 
 
@@ -37,12 +37,12 @@ def fid(
     save_samples: Optional[Path] = typer.Option(None, "--save-samples", help="Also write a run's generated samples (PNGs, samples.npz, grid) to this folder."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler for a run (default: the recipe's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps for a run (default: the recipe's / paper's)."),
-    weights: str = typer.Option("ema", "--weights", help="ema or raw weights of a run."),
+    weights: str = weights_option("ema or raw weights of a run."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x̂0 to [-1, 1] inside the sampler."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where registered reference sets live (default $DDAEPP_DATA, else ./data)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    device: Optional[str] = device_option(),
+    json_out: bool = json_option(),
 ) -> None:
     """FID, sFID, IS, KID and precision/recall through torch-fidelity's Inception, with a protocol record."""
     from ..eval.fid import fid as run_fid, print_fid
@@ -83,12 +83,12 @@ def segprobe(
     label_size: int = typer.Option(256, "--label-size", help="Side of the label maps: mIoU is measured there (paper: 256)."),
     grid: int = typer.Option(16, "--grid", help="Feature grid before the head (paper: 16×16 patch tokens, then ×16 upsampling)."),
     cache_features: str = typer.Option("auto", "--cache-features", help="auto (keep features in memory when they fit), on, off."),
-    weights: str = typer.Option("ema", "--weights", help="ema or raw."),
+    weights: str = weights_option(),
     seed: int = typer.Option(0, "--seed", help="Noise, head initialisation and batch order."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding processes (default 4 on a GPU, 0 on a CPU)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)."),
+    device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of predictions beside ground truth (default: next to the eval record)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Dense linear probe (semantic segmentation, mIoU) on frozen noised features of two layers."""
     import sys

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .base import emit_json, resolve_recipe_path, app, handle_errors
+from .base import app, emit_json, handle_errors, json_option, resolve_recipe_path
 from ..errors import UsageError
 
 
@@ -24,7 +24,7 @@ def profile_layers(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Folder of the runs (default runs/<recipe>-profile); re-running resumes."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Loss-curve PNG (default <run-dir>/loss_curves.png)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set train.global_batch=256 (repeatable)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (`best` is the chosen layer)."),
+    json_out: bool = json_option("Print one JSON object on stdout (`best` is the chosen layer)."),
 ) -> None:
     """Short runs with self-conditioning at each candidate layer plus the baseline; the lowest final loss wins."""
     from ..training.profile import format_table, profile_layers as run_profile
@@ -62,7 +62,7 @@ def cache_latents(
                                           "or a text file of `<file> <class index or name>` lines (Caffe val.txt)."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Class list the --labels index: the training latent "
                                            "cache or the training class folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
     from ..data.latents import cache_latents as run_cache
@@ -90,7 +90,7 @@ def cache_latents(
 def export_digits(
     out: Path = typer.Argument(..., help="New (or empty) folder: train/<digit>/, val/<digit>/, val_flat/ + val_labels.txt."),
     image_size: int = typer.Option(32, "--image-size", help="Side of the PNGs (upsampled from 8×8 as the digits dataset is)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Write scikit-learn's digits as an ImageNet-style class folder (train and val), to try the latent pipeline on a CPU."""
     from ..data.exportdigits import export_digits as run_export

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import UsageError
 from . import base
-from .base import app, emit_json, handle_errors, resolve_recipe_path
+from .base import app, emit_json, handle_errors, json_option, resolve_recipe_path, weights_option
 
 
 # ------------------------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, parameter counts and batch plan; train nothing."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="With --dry-run: plan for this many processes."),
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change", help="Resume a run folder whose stored recipe differs."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Train a model from a recipe (resumes exactly when the run folder already has checkpoints)."""
     from ..recipe import load_recipe
@@ -101,7 +101,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (must not exist or be empty)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's/formulation's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the paper's)."),
-    weights: str = typer.Option("ema", "--weights", help="ema or raw."),
+    weights: str = weights_option(),
     fmt: str = typer.Option("png,npz,grid", "--format", help="Comma list of png, npz, grid."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (results do not depend on it)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x̂0 to [-1, 1] inside the sampler."),
@@ -109,7 +109,7 @@ def sample(
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, class-conditional models (default: the recipe's; 1 = none)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (default: class seed % num_classes)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Generate images with per-sample seeds (identical for any batch size or process count)."""
     from ..sample import parse_formats, sample_command
@@ -138,7 +138,7 @@ def sample(
 
 @app.command(epilog="Example: ddaepp recipes --json | jq '.[].name'")
 @handle_errors
-def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON array on stdout.")) -> None:
+def recipes(json_out: bool = json_option("Print one JSON array on stdout.")) -> None:
     """List the shipped recipes with the paper row each reproduces."""
     from ..recipe import load_recipe
 
@@ -189,7 +189,7 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
 @app.command(epilog="Example: ddaepp info runs/quickstart --json")
 @handle_errors
 def info(run_dir: Path = typer.Argument(..., help="A run folder."),
-         json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")) -> None:
+         json_out: bool = json_option()) -> None:
     """Summarise a run: recipe, checkpoints, last logged metrics."""
     from ..checkpoint import checkpoint_recipe, list_checkpoints
 
