@@ -98,6 +98,16 @@ def init_config(cls: type, values: dict) -> dict:
     return {key: values[key] for key in init_options(cls)}
 
 
+def check_token_grid(name: str, image_size: int, patch_size: int, width: int, heads: int, head_multiple: int) -> None:
+    """A transformer's patch grid and heads: patches tile the image; each head's width is a multiple of
+    `head_multiple` (UViT 2; LightningDiT 4, for its 2-D RoPE over half-heads)."""
+    if patch_size < 1 or image_size % patch_size:
+        raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size}")
+    if width % heads or (width // heads) % head_multiple:
+        raise UsageError(f"{name}: width {width} must split into {heads} heads whose width is a multiple of "
+                         f"{head_multiple}")
+
+
 def build_preset(cls: type, presets: dict[str, dict], preset: str, overrides: dict, *, what: str, name: str):
     """`cls(**presets[preset], **overrides, name=name)`; an unknown preset or option fails naming the valid ones."""
     if preset not in presets:

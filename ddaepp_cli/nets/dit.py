@@ -34,8 +34,9 @@ from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError
-from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, class_labels_or_null,
-    init_config, modulate, patch_tokens, sincos_pos_embed_2d, timestep_embedding, unpatchify)  # fmt: skip
+from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, check_token_grid,
+    class_labels_or_null, init_config, modulate, patch_tokens, sincos_pos_embed_2d, timestep_embedding,
+    unpatchify)  # fmt: skip
 
 # LightningDiT_B_1 / XL_1; L/1 is not registered there: LightningDiT(depth=24, hidden 1024, 16 heads,
 # patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults (`use_swiglu`,
@@ -170,10 +171,7 @@ class DiT(AdaLNTrunk):
     ):  # fmt: skip
         super().__init__()
         self.config = init_config(DiT, locals())
-        if image_size % patch_size:
-            raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size}")
-        if width % heads or (width // heads) % 4:
-            raise UsageError(f"{name}: width {width} must split into {heads} heads whose width is a multiple of 4")
+        check_token_grid(name, image_size, patch_size, width, heads, head_multiple=4)  # 2-D RoPE: 4 | head width
         if width % 4:
             raise UsageError(f"{name}: width {width} must be a multiple of 4 (2-D sin-cos embedding)")
         if depth < 1 or num_classes < 0:

@@ -41,8 +41,8 @@ from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
-from ddaepp_cli.nets.common import (batch_time, build_preset, check_unconditional, init_config, patch_tokens,
-    timestep_embedding, unpatchify)  # fmt: skip
+from ddaepp_cli.nets.common import (batch_time, build_preset, check_token_grid, check_unconditional, init_config,
+    patch_tokens, timestep_embedding, unpatchify)  # fmt: skip
 from ddaepp_cli.nets.taps import TapModule
 
 # U-ViT `configs/cifar10_uvit_small.py` (DDAE++ Tab. 8: patch 2, hidden 512, 13 layers, 8 heads, 44.3M).
@@ -123,10 +123,7 @@ class UViT(TapModule):
     ):
         super().__init__()
         self.config = init_config(UViT, locals())
-        if image_size % patch_size:
-            raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size}")
-        if width % heads or (width // heads) % 2:
-            raise UsageError(f"{name}: width {width} must split into {heads} heads of even width")
+        check_token_grid(name, image_size, patch_size, width, heads, head_multiple=2)
         if depth < 0 or depth % 2:
             raise UsageError(f"{name}: depth {depth} must be even (in + out blocks; 12 for UViT-S)")
         self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
