@@ -3,14 +3,13 @@ DDAE++ §5.3)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..errors import UsageError
-from .base import app, dataset_option, device_option, emit_json, handle_errors, json_option, weights_option
+from .base import (app, check_plot_for_checkpoints, dataset_option, device_option, handle_errors, json_option, report,
+                   report_checkpoints, weights_option)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,11 +41,10 @@ def probe(
     json_out: bool = json_option(),
 ) -> None:
     """Linear probe: grid search over layers × timesteps in one pass, then the final probe on the test set."""
-    from ..eval.latentprobe import format_checkpoints, over_checkpoints
+    from ..eval.latentprobe import over_checkpoints
     from ..eval.probe import print_probe, probe as run_probe
 
-    if plot is not None and checkpoints not in (None, "latest"):
-        raise UsageError("--plot names one file; with --checkpoints each checkpoint's plot goes next to its record")
+    check_plot_for_checkpoints(plot, checkpoints)
     result = over_checkpoints(run_or_ckpt, checkpoints, lambda ckpt: run_probe(
         ckpt, layers=layers, timesteps=timesteps, dataset=dataset, data_root=data_root, test_root=test_root,
         protocol=protocol, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, hflip=hflip,
@@ -54,14 +52,7 @@ def probe(
         score=lambda r: r["test_accuracy"], command="probe")
     if not result:  # ranks other than 0 of a multi-process launch
         return
-    if json_out:
-        emit_json(result)
-    elif "checkpoints" in result:
-        for r in result["results"]:
-            print_probe(r)
-        print(format_checkpoints(result, "test accuracy (%)"), file=sys.stderr)
-    else:
-        print_probe(result)
+    report_checkpoints(result, json_out, print_probe, "test accuracy (%)")
 
 
 @app.command(epilog="Example: ddaepp cka runs/baseline runs/selfcond --timestep idx:4 --n 2048 --plot cka.png")
@@ -90,10 +81,7 @@ def cka(
     result = cka_command(run_or_ckpt, other, layers=layers, timestep=timestep, n=n, dataset=dataset,
                          data_root=data_root, test_root=test_root, split=split, features=features, batch_size=batch_size, weights=weights,
                          seed=seed, device=device, plot=str(plot) if plot else None)
-    if json_out:
-        emit_json(result)
-    else:
-        print_cka(result)
+    report(result, json_out, print_cka)
 
 
 @app.command(epilog="Example: ddaepp align runs/quickstart/checkpoints/step-* --layers out_1-4 --plot align.png")
@@ -118,10 +106,7 @@ def align(
     result = align_command(checkpoints, layers=layers, timestep=timestep, n=n, dataset=dataset, data_root=data_root,
                            batch_size=batch_size, weights=weights, seed=seed, device=device,
                            plot=str(plot) if plot else None)
-    if json_out:
-        emit_json(result)
-    else:
-        print_align(result)
+    report(result, json_out, print_align)
 
 
 @app.command(name="noisy-classifier", epilog="Example: ddaepp noisy-classifier runs/quickstart --layer out_2 --epochs 5")
@@ -150,7 +135,4 @@ def noisy_classifier(
                        batch_size=batch_size, hflip=hflip, crop=crop, n_test=n_test, weights=weights, seed=seed,
                        device=device,
                        plot=str(plot) if plot else None)
-    if json_out:
-        emit_json(result)
-    else:
-        print_noisy(result)
+    report(result, json_out, print_noisy)

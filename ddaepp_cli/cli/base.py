@@ -90,6 +90,32 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+
+def report(result, json_out: bool, show) -> None:
+    """`--json`: the result as one JSON object on stdout; otherwise the command's own `show(result)`."""
+    if json_out:
+        emit_json(result)
+    else:
+        show(result)
+
+
+def check_plot_for_checkpoints(plot, checkpoints: str | None) -> None:
+    if plot is not None and checkpoints not in (None, "latest"):
+        raise UsageError("--plot names one file; with --checkpoints each checkpoint's plot goes next to its record")
+
+
+def report_checkpoints(result, json_out: bool, show, score: str) -> None:
+    """`report` for a result of `eval.latentprobe.over_checkpoints`: with several checkpoints, each one's
+    result, then the table of `score` per checkpoint on stderr."""
+    if json_out or "checkpoints" not in result:
+        return report(result, json_out, show)
+    from ..eval.latentprobe import format_checkpoints
+
+    for r in result["results"]:
+        show(r)
+    print(format_checkpoints(result, score), file=sys.stderr)
+
+
 def handle_errors(fn):
     """One clear line and the documented exit code for user-fixable problems; no traceback."""
 

@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from .base import app, device_option, emit_json, handle_errors, json_option, weights_option
+from .base import (app, check_plot_for_checkpoints, device_option, handle_errors, json_option, report, report_checkpoints,
+                   weights_option)
 from ..errors import UsageError
 
 
@@ -61,10 +62,7 @@ def fid(
                      checkpoints=checkpoints, cfg_scale=cfg_scale, cfg_interval=cfg_interval, protocol=protocol)
     if not result:  # ranks other than 0
         return
-    if json_out:
-        emit_json(result)
-    else:
-        print_fid(result)
+    report(result, json_out, print_fid)
 
 
 @app.command(epilog="Example: ddaepp segprobe runs/cifar10_edm_ddpmpp --dataset voc --data-root data/VOCdevkit --json")
@@ -91,25 +89,15 @@ def segprobe(
     json_out: bool = json_option(),
 ) -> None:
     """Dense linear probe (semantic segmentation, mIoU) on frozen noised features of two layers."""
-    import sys
-
-    from ..eval.latentprobe import format_checkpoints, over_checkpoints
+    from ..eval.latentprobe import over_checkpoints
     from ..eval.segprobe import print_segprobe, segprobe as run_segprobe
 
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {workers}")
-    if plot is not None and checkpoints not in (None, "latest"):
-        raise UsageError("--plot names one file; with --checkpoints each checkpoint's plot goes next to its record")
+    check_plot_for_checkpoints(plot, checkpoints)
     result = over_checkpoints(run_or_ckpt, checkpoints, lambda ckpt: run_segprobe(
         ckpt, dataset=dataset, data_root=data_root, layers=layers, timestep=timestep, epochs=epochs, lr=lr,
         batch_size=batch_size, image_size=image_size, label_size=label_size, grid=grid, cache_features=cache_features,
         weights=weights, seed=seed, workers=workers, device=device, plot=str(plot) if plot else None),
         score=lambda r: r["miou"], command="segprobe")
-    if json_out:
-        emit_json(result)
-    elif "checkpoints" in result:
-        for r in result["results"]:
-            print_segprobe(r)
-        print(format_checkpoints(result, "mIoU (%)"), file=sys.stderr)
-    else:
-        print_segprobe(result)
+    report_checkpoints(result, json_out, print_segprobe, "mIoU (%)")

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import UsageError
 from . import base
-from .base import app, emit_json, handle_errors, json_option, resolve_recipe_path, weights_option
+from .base import app, emit_json, handle_errors, json_option, report, resolve_recipe_path, weights_option
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,10 +47,7 @@ def train(
     if dry_run:
         world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
         out = plan_run(rec, world, max_steps)
-        if json_out:
-            emit_json(out)
-        else:
-            _print_plan(out)
+        report(out, json_out, _print_plan)
         return
     run_dir = run_dir or Path("runs") / rec.name
     with run_lock(run_dir):  # one writer per run folder: a second `train` exits 2 (runlock.py)
