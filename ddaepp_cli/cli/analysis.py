@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from .base import (app, check_plot_for_checkpoints, dataset_option, device_option, handle_errors, json_option, report,
-                   report_checkpoints, weights_option)
+from .base import (check_plot_for_checkpoints, command, dataset_option, device_option, json_option, report,
+                   report_checkpoints, run_argument, weights_option)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -17,10 +17,9 @@ from .base import (app, check_plot_for_checkpoints, dataset_option, device_optio
 # ------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: ddaepp probe runs/quickstart --layers out_2-4 --timesteps idx:3,idx:4,idx:5 --json")
-@handle_errors
+@command(epilog="Example: ddaepp probe runs/quickstart --layers out_2-4 --timesteps idx:3,idx:4,idx:5 --json")
 def probe(
-    run_or_ckpt: str = typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors."),
+    run_or_ckpt: str = run_argument(),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layer spec: out_6-9, out_6,out_9, DiT 7-9 (default: every out_k / every DiT block); all: every layer plus the layer-wise curve (PNG + JSON); latent: the flattened clean VAE latent baseline (latent runs)."),
     timesteps: Optional[str] = typer.Option(None, "--timesteps", help="Comma list in paper convention: DDPM 1,11,21; EDM idx:3,idx:4 or 0.06; RF 0.02,0.06 (default: DDAE's grid; latent runs 0.25)."),
     dataset: Optional[str] = dataset_option(),
@@ -55,10 +54,9 @@ def probe(
     report_checkpoints(result, json_out, print_probe, "test accuracy (%)")
 
 
-@app.command(epilog="Example: ddaepp cka runs/baseline runs/selfcond --timestep idx:4 --n 2048 --plot cka.png")
-@handle_errors
+@command(epilog="Example: ddaepp cka runs/baseline runs/selfcond --timestep idx:4 --n 2048 --plot cka.png")
 def cka(
-    run_or_ckpt: str = typer.Argument(..., help="Run folder, checkpoint folder, or its .safetensors."),
+    run_or_ckpt: str = run_argument(),
     other: Optional[str] = typer.Argument(None, help="A second model: CKA of every layer of the first against every layer of this one."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layer spec (default: every layer)."),
     timestep: Optional[str] = typer.Option(None, "--timestep", help="Paper-convention time (default: DDAE++ Tab. 9's: 11, idx:4, 0.06; latent runs 0.25)."),
@@ -84,8 +82,7 @@ def cka(
     report(result, json_out, print_cka)
 
 
-@app.command(epilog="Example: ddaepp align runs/quickstart/checkpoints/step-* --layers out_1-4 --plot align.png")
-@handle_errors
+@command(epilog="Example: ddaepp align runs/quickstart/checkpoints/step-* --layers out_1-4 --plot align.png")
 def align(
     checkpoints: List[str] = typer.Argument(..., help="One or more runs/checkpoints (several: a training trajectory)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layer spec (default: every out_k)."),
@@ -109,10 +106,9 @@ def align(
     report(result, json_out, print_align)
 
 
-@app.command(name="noisy-classifier", epilog="Example: ddaepp noisy-classifier runs/quickstart --layer out_2 --epochs 5")
-@handle_errors
+@command(name="noisy-classifier", epilog="Example: ddaepp noisy-classifier runs/quickstart --layer out_2 --epochs 5")
 def noisy_classifier(
-    run_or_ckpt: str = typer.Argument(..., help="Run folder, checkpoint folder, or its .safetensors."),
+    run_or_ckpt: str = run_argument(),
     layer: Optional[str] = typer.Option(None, "--layer", help="One layer (default: DDAE++ Tab. 9's for paper UNets, else the self-conditioning or middle decoder layer)."),
     dataset: Optional[str] = dataset_option(),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder."),

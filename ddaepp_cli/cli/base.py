@@ -73,6 +73,10 @@ def json_option(help: str = "Print one JSON object on stdout."):
     return typer.Option(False, "--json", help=help)
 
 
+def run_argument():
+    return typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors.")
+
+
 def device_option():
     return typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available).")
 
@@ -138,6 +142,15 @@ def handle_errors(fn):
             raise typer.Exit(2)
 
     return wrapper
+
+
+def command(*args, **kwargs):
+    """Register a command on `app` (Typer's `app.command` arguments) with `handle_errors` around it."""
+
+    def register(fn):
+        return app.command(*args, **kwargs)(handle_errors(fn))
+
+    return register
 
 
 def resolve_recipe_path(recipe: str) -> Path:

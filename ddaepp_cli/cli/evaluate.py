@@ -11,14 +11,13 @@ from typing import Optional
 
 import typer
 
-from .base import (app, check_plot_for_checkpoints, device_option, handle_errors, json_option, report, report_checkpoints,
-                   weights_option)
+from .base import (check_plot_for_checkpoints, command, device_option, json_option, report, report_checkpoints,
+                   run_argument, weights_option)
 from ..errors import UsageError
 
 
-@app.command(epilog="Examples: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json; "
+@command(epilog="Examples: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json; "
                      "ddaepp fid runs/imagenet256_rf_ditb_cond --ref VIRTUAL_imagenet256_labeled.npz --checkpoints all")
-@handle_errors
 def fid(
     samples_or_run: str = typer.Argument(..., help="Image folder, .npz of images (arr_0, uint8 NHWC), or a run / checkpoint (samples generated on the fly; latent runs decode through their VAE)."),
     ref: Optional[str] = typer.Option(None, "--ref", help="cifar10-train, cifar10-val, cifar100-train, cifar100-val, stl10-*, an image folder, an .npz of images, or statistics {mu, sigma[, mu_s, sigma_s]} (.npz: ADM reference batch, EDM, ddaepp). Default: <dataset>-train for CIFAR runs; $DDAEPP_CACHE/refs/VIRTUAL_imagenet256_labeled.npz for latent runs."),
@@ -65,10 +64,9 @@ def fid(
     report(result, json_out, print_fid)
 
 
-@app.command(epilog="Example: ddaepp segprobe runs/cifar10_edm_ddpmpp --dataset voc --data-root data/VOCdevkit --json")
-@handle_errors
+@command(epilog="Example: ddaepp segprobe runs/cifar10_edm_ddpmpp --dataset voc --data-root data/VOCdevkit --json")
 def segprobe(
-    run_or_ckpt: str = typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors."),
+    run_or_ckpt: str = run_argument(),
     dataset: str = typer.Option("ade20k", "--dataset", help="ade20k (150 classes) or voc (21 classes)."),
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="all, latest (default) or steps 100000,200000 of a run: each is probed, the best mIoU reported."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="ADEChallengeData2016 / VOC2012 folder or a parent of it (default $DDAEPP_DATA, else ./data)."),

@@ -8,12 +8,11 @@ from typing import List, Optional
 
 import typer
 
-from .base import app, emit_json, handle_errors, json_option, resolve_recipe_path, weights_option
+from .base import command, emit_json, json_option, resolve_recipe_path, weights_option
 
 
-@app.command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
+@command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
              "--out runs/ddae_edm_ddpmpp")
-@handle_errors
 def import_cmd(
     source: Path = typer.Argument(..., help="The checkpoint file (.pt/.pth/.ckpt read with torch.load(weights_only=True), or .safetensors)."),
     family: str = typer.Option(..., "--from", help="ddae, uvit, lightningdit, sra, repa, dit, sit."),

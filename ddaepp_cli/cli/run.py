@@ -12,7 +12,7 @@ import typer
 
 from ..errors import UsageError
 from . import base
-from .base import app, emit_json, handle_errors, json_option, report, resolve_recipe_path, weights_option
+from .base import command, emit_json, json_option, report, resolve_recipe_path, run_argument, weights_option
 
 
 # ------------------------------------------------------------------------------------------------
@@ -20,8 +20,7 @@ from .base import app, emit_json, handle_errors, json_option, report, resolve_re
 # ------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: ddaepp train recipes/quickstart.yaml --run-dir runs/quick")
-@handle_errors
+@command(epilog="Example: ddaepp train recipes/quickstart.yaml --run-dir runs/quick")
 def train(
     recipe: str = typer.Argument(..., help="Recipe YAML (or a shipped recipe name)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default runs/<recipe name>). Re-running resumes."),
@@ -89,10 +88,9 @@ def _print_plan(out: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: ddaepp sample runs/quickstart --n 64 --out samples/quick")
-@handle_errors
+@command(epilog="Example: ddaepp sample runs/quickstart --n 64 --out samples/quick")
 def sample(
-    run_or_ckpt: str = typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors."),
+    run_or_ckpt: str = run_argument(),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images (seeds 0..N-1)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seed range or list: 0-49999, 3,5,9."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (must not exist or be empty)."),
@@ -133,8 +131,7 @@ def sample(
 # ------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: ddaepp recipes --json | jq '.[].name'")
-@handle_errors
+@command(epilog="Example: ddaepp recipes --json | jq '.[].name'")
 def recipes(json_out: bool = json_option("Print one JSON array on stdout.")) -> None:
     """List the shipped recipes with the paper row each reproduces."""
     from ..recipe import load_recipe
@@ -183,8 +180,7 @@ def recipes(json_out: bool = json_option("Print one JSON array on stdout.")) -> 
     console.print(table)
 
 
-@app.command(epilog="Example: ddaepp info runs/quickstart --json")
-@handle_errors
+@command(epilog="Example: ddaepp info runs/quickstart --json")
 def info(run_dir: Path = typer.Argument(..., help="A run folder."),
          json_out: bool = json_option()) -> None:
     """Summarise a run: recipe, checkpoints, last logged metrics."""
