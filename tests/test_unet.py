@@ -1,4 +1,5 @@
-"""UNet backbones, the feature-tap API and self-conditioning (FutureXiang/ddae `model/unet.py`; docs/design.md §3–4; DDAE++ §4.1)."""
+"""UNet backbones, the feature-tap API and self-conditioning (FutureXiang/ddae `model/unet.py`;
+docs/design.md §3–4; DDAE++ §4.1)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     """Timestep shift in paper time, t' = s·t / (1 + (s − 1)·t) (the SD3 shift, Esser et al. 2024).
 
     s > 1 pushes steps towards noise (t near 1); s = 1 is the identity. DDAE++'s "3.3" is this form;
-    LightningDiT writes the mirrored map with s = 0.3 ≈ 1/3.3 (hustvl/LightningDiT `transport/transport.py`, `configs/*.yaml`).
+    LightningDiT writes the mirrored map with s = 0.3 ≈ 1/3.3
+    (hustvl/LightningDiT `transport/transport.py`, `configs/*.yaml`).
     """
     return shift * t / (1.0 + (shift - 1.0) * t)
 
@@ -88,7 +89,7 @@ class RF(Formulation):
         return 1.0
 
     def sample_time(self, n: int, *, device: torch.device | str = "cpu", generator=None) -> Tensor:
-        if self.time_sampling == "logit_normal":  # LightningDiT `use_lognorm` (hustvl/LightningDiT `transport/transport.py`)
+        if self.time_sampling == "logit_normal":  # hustvl/LightningDiT `use_lognorm` (`transport/transport.py`)
             return torch.sigmoid(torch.randn(n, device=device, generator=generator)) * self.t_max
         return torch.rand(n, device=device, generator=generator) * self.t_max  # t ~ U[0, t_max)
 

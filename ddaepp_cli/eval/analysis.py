@@ -151,7 +151,7 @@ def _short(run: dict) -> str:
 
 
 class NoiseLevels:
-    """Training draws and test grid of noise levels, with the raw value τ(t) embeds (FutureXiang/ddae `noisy_classifier_DDAE.py`)."""
+    """Training draws and test grid of noise levels, with the raw value τ(t) embeds (DDAE `noisy_classifier_DDAE.py`)."""
 
     def __init__(self, formulation):
         self.f = formulation

@@ -43,7 +43,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """DiT / U-ViT `timestep_embedding` of a (B,) time: [cos(t·f_k), sin(t·f_k)], f_k = exp(−ln(max_period)·k/(dim/2))."""
+    """DiT / U-ViT `timestep_embedding` of a (B,) time: [cos(t·f_k), sin(t·f_k)],
+    f_k = exp(−ln(max_period)·k/(dim/2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, D/2)

@@ -1,5 +1,6 @@
 """LightningDiT (Yao et al., 2025; `LightningDiT:models/lightningdit.py`) for latents, as DDAE++ uses it
-(§5.2, Tab. 8; hustvl/LightningDiT `models/lightningdit.py`), with DDAE++ self-conditioning (§4.1) and the feature-tap API.
+(§5.2, Tab. 8; hustvl/LightningDiT `models/lightningdit.py`), with DDAE++ self-conditioning (§4.1) and
+the feature-tap API.
 
 Layout per block (adaLN-Zero, DiT): c = t_emb(t) + y_emb(y) → SiLU → Linear(D→6D) gives shift/scale/gate
 for attention and MLP; x += gate·Attn(modulate(RMSNorm(x))); x += gate·SwiGLU(modulate(RMSNorm(x))).
@@ -39,8 +40,8 @@ from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_pres
     unpatchify)  # fmt: skip
 
 # LightningDiT_B_1 / XL_1; L/1 is not registered there: LightningDiT(depth=24, hidden 1024, 16 heads,
-# patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults (`use_swiglu`,
-# `use_rmsnorm`, `use_rope` on, `use_qknorm` off).
+# patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults
+# (`use_swiglu`, `use_rmsnorm`, `use_rope` on, `use_qknorm` off).
 DIT_PRESETS: dict[str, dict] = {
     "B": dict(width=768, depth=12, heads=12),
     "L": dict(width=1024, depth=24, heads=16),
@@ -57,7 +58,8 @@ def rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """EVA-02 `VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid)`: (N, head_dim) cos and sin.
 
     Per axis head_dim/4 frequencies 10000^(−2j/(head_dim/2)), each repeated for an interleaved pair; the
-    first half of the head rotates with the row index, the second with the column (hustvl/LightningDiT `models/pos_embed.py` `VisionRotaryEmbeddingFast`).
+    first half of the head rotates with the row index, the second with the column
+    (hustvl/LightningDiT `models/pos_embed.py`).
     """
     d = head_dim // 2
     freqs = 1.0 / 10_000 ** (torch.arange(0, d, 2, dtype=torch.float64)[: d // 2] / d)  # (d/2,)
@@ -185,7 +187,7 @@ class DiT(AdaLNTrunk):
         # LightningDiT: num_classes + 1 rows (the last = null class); unconditional: 1 + null (module doc)
         self.y_embedder = nn.Embedding(max(num_classes, 1) + 1, width)
         pos = torch.from_numpy(sincos_pos_embed_2d(width, grid)).float()[None]  # (1, N, D)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen, counted (hustvl/LightningDiT; docs/design.md §4)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen, counted (docs/design.md §4)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch_size, in_channels)
         if rope:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPS = 32  # GroupNorm groups inside blocks; the UNet's final norm uses 8 (FutureXiang/ddae `model/unet.py` `self.norm`)
+GROUPS = 32  # GroupNorm groups in blocks; the UNet's final norm uses 8 (FutureXiang/ddae `model/unet.py`)
 
 
 def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
@@ -55,7 +55,8 @@ class TimeEmbedding(nn.Module):
 class ResidualBlock(nn.Module):
     """GN→SiLU→Conv3 (+ Linear(SiLU(emb)) added per channel) → GN→SiLU→Dropout→Conv3, plus shortcut.
 
-    The time injection is a plain add, not scale/shift (FutureXiang/ddae `model/block.py` `ResidualBlock`, despite its "adaptive group norm" comment). No skip
+    The time injection is a plain add, not scale/shift (FutureXiang/ddae
+    `model/block.py` `ResidualBlock`, despite its "adaptive group norm" comment). No skip
     rescaling. `resample="up"|"down"` makes it the BigGAN-style up/down block of `ddpmpp`: nearest ×2 or
     2×2 average pooling applied to both paths right before conv1 (no conv in the resampler itself).
     """
@@ -101,7 +102,7 @@ class ResidualBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the H·W positions: GN32 → Linear(C→3C) → SDPA → Linear(C→C) → residual.
 
-    DDAE uses one head of width C (FutureXiang/ddae `model/block.py` `AttentionBlock`). Its logits are (q/C^¼)·(k/C^¼), i.e. the usual
+    DDAE uses one head of width C (FutureXiang/ddae `model/block.py`). Its logits are (q/C^¼)·(k/C^¼), i.e. the usual
     1/√d_head scale, which is SDPA's default. The qkv layout per head is [q | k | v] like DDAE's.
     """
 

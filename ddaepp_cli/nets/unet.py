@@ -1,6 +1,6 @@
 """The DDAE UNets `ddpm` and `ddpmpp` (FutureXiang/ddae `model/unet.py`; DDAE++ Tab. 8).
 
-Topology (FutureXiang/ddae `model/unet.py` `UNet.__init__`, `forward_core`): image_proj → encoder (per level: `n_blocks` ResAtt blocks, then a
+Topology (FutureXiang/ddae `model/unet.py` `forward_core`): image_proj → encoder (per level: `n_blocks` ResAtt blocks, then a
 down-sampler except at the last level; every output is pushed on the skip stack) → middle
 (Res → Attn → Res) → decoder (per level, reversed: `n_blocks + 1` ResAtt blocks each eating
 concat(x, skip.pop()), then an up-sampler except at level 0) → GN(8) → SiLU → Conv3×3.

@@ -158,7 +158,7 @@ class UViT(TapModule):
         self.register_buffer("attn_mask", mask, persistent=False)
 
         # U-ViT init: trunc-normal(0.02) pos-embed and Linear weights, zero biases, LayerNorm (1, 0);
-        # convs keep PyTorch's default. [CLS]: trunc-normal(0.02) too (like U-ViT's other tokens, `libs/uvit.py` `_init_weights`).
+        # convs keep PyTorch's default. [CLS]: trunc-normal(0.02) too, like U-ViT's other tokens (`libs/uvit.py`).
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
