@@ -1,4 +1,4 @@
-"""ddaepp benchmark: ratios measured in one run (SPEC §5) — machines are noisy, ratios are not.
+"""ddaepp benchmark: ratios measured in one run — machines are noisy, ratios are not.
 
     python benchmarks/bench.py                 # paper-size networks (≈ 10 min on a 2-core CPU, --budget 720)
     python benchmarks/bench.py --quick         # tiny networks, few repetitions (well under a minute)

@@ -6,7 +6,7 @@
 1. Peak: a large bf16 matmul (8192³, TFLOP/s) on this device — the MFU denominator.
 2. Per network, the training step exactly as `ddaepp train` runs it (trainstep.py: the recipe's
    objective, bf16 autocast, fused Adam(W), grad clip, EMA) at the per-GPU batch of the paper
-   (global batch ÷ GPUs the paper used; architecture.md §11):
+   (global batch ÷ GPUs the paper used; DDAE++ Tab. 7, 10):
      dit-B/1, dit-L/1   LightningDiT on 16×16×32 latents, global 1024 on 6 GPUs → 171 per GPU (1024/6 = 170.7)
      ddpmpp             CIFAR 32×32×3, global 256 on 4 GPUs → 64 per GPU
      ddpm, uvit         (optional) 512 / 4 → 128 and 256 / 4 → 64

@@ -1,4 +1,4 @@
-"""Self-describing, atomically written checkpoints (SPEC §3).
+"""Self-describing, atomically written checkpoints.
 
     checkpoints/step-0001000/
       model.safetensors   raw weights      (metadata: recipe YAML, step, kind)
@@ -158,7 +158,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def select_checkpoints(path: str | os.PathLike, spec: str | None = None) -> list[Path]:
-    """RUN_OR_CKPT plus `--checkpoints SPEC` → checkpoint folders, oldest first.
+    """RUN_OR_CKPT plus `--checkpoints WHICH` → checkpoint folders, oldest first.
 
     spec None / "latest": the latest (or the given checkpoint); "all": every complete checkpoint of
     the run; "100000,200000" or "step-0100000,…": those steps. DDAE++ Tab. 2 reports the best of
@@ -233,23 +233,29 @@ def checkpoint_recipe(ckpt: Path) -> Recipe:
     return recipe_from_dict(raw)
 
 
+def layout_mismatch(found: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> str | None:
+    """One phrase naming how a state dict's {key: shape} differs from the expected one; None if it does not."""
+    missing = [k for k in want if k not in found]
+    unexpected = [k for k in found if k not in want]
+    shape = [k for k in want if k in found and tuple(found[k]) != tuple(want[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if shape:
+        k = shape[0]
+        parts.append(f"{len(shape)} with other shapes (e.g. {k}: {tuple(found[k])}, expected {tuple(want[k])})")
+    return ", ".join(parts) or None
+
+
 def load_weights_into(module: torch.nn.Module, file: Path, what: str) -> dict[str, str]:
     """Strictly load a safetensors file into `module`, explaining any mismatch in one line."""
     tensors, meta = read_weights(file)
     own = module.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    shape = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} with other shapes (e.g. {k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)})")
-        raise UsageError(f"{file} does not match the {what}: " + ", ".join(parts))
+    problem = layout_mismatch({k: v.shape for k, v in tensors.items()}, {k: v.shape for k, v in own.items()})
+    if problem:
+        raise UsageError(f"{file} does not match the {what}: {problem}")
     module.load_state_dict(tensors, strict=True)
     return meta
 

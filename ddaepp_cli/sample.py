@@ -55,6 +55,13 @@ def load_model(run_or_ckpt: str | os.PathLike, weights: str = "ema", device: tor
     return recipe, model.to(device).eval().requires_grad_(False), ckpt
 
 
+def load_for_eval(run_or_ckpt: str | os.PathLike, weights: str, device: torch.device | str):
+    """What every evaluation command starts from: (recipe, frozen network on `device`, checkpoint folder,
+    the weights actually used — `weights_of` — and the recipe's formulation)."""
+    recipe, model, ckpt = load_model(run_or_ckpt, weights, device)
+    return recipe, model, ckpt, weights_of(run_or_ckpt, weights), build_formulation(recipe)
+
+
 def class_labels_for(seeds: Sequence[int], num_classes: int, class_label: int | None = None) -> list[int] | None:
     """Per-seed class labels of a class-conditional model (module doc); None for an unconditional one."""
     if num_classes == 0:

@@ -1,5 +1,5 @@
 """Every shipped recipe loads, builds and trains: two tiny steps on CPU each, shrunk with `--set`-style
-overrides (STYLE.md example 8: test the registry, not a hand-picked case)."""
+overrides (test the registry, not a hand-picked case)."""
 
 from __future__ import annotations
 

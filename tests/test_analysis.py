@@ -79,7 +79,7 @@ def test_time_lists_follow_the_paper_conventions():
     edm = build_formulation("edm")
     times = parse_times(edm, None, default=DEFAULT_GRID["edm"])
     assert [x.text for x in times] == ["idx:3", "idx:4", "idx:5"]
-    assert [round(x.value, 4) for x in times] == [0.0229, 0.0599, 0.1395]  # architecture.md §5.2
+    assert [round(x.value, 4) for x in times] == [0.0229, 0.0599, 0.1395]  # EDM 18-step schedule, NVlabs/edm `generate.py`
     same = parse_times(edm, f"idx:4,{times[1].value!r},0.06", default=())  # one σ written two ways: kept once
     assert [x.text for x in same] == ["idx:4", "0.06"]
     with pytest.raises(UsageError, match=r"idx:1\.\.18"):
@@ -151,7 +151,7 @@ def test_noise_levels_and_classifier_shape():
     t, raw = rf.sample(64, torch.Generator().manual_seed(0), "cpu")
     assert torch.allclose(raw, 1000 * t) and float(t.max()) < 1.0
     clf = NoisyClassifier(256, 10)
-    # TimeEmbedding(256): 64 → 256 → 256; head 256 → 512 → 10 (architecture.md §9.5)
+    # TimeEmbedding(256): 64 → 256 → 256; head 256 → 512 → 10 (FutureXiang/ddae `noisy_classifier_DDAE.py`)
     expected = (64 * 256 + 256) + (256 * 256 + 256) + (256 * 512 + 512) + (512 * 10 + 10)
     assert sum(p.numel() for p in clf.parameters()) == expected
     assert clf(torch.randn(3, 256), torch.tensor([1.0, 500.0, 999.0])).shape == (3, 10)

@@ -1,5 +1,5 @@
 """EDM's non-leaky augmentation pipe: label layout, per-transform rates, geometry, batch-split
-invariance, and the zero label as "no augmentation" (architecture.md §6; DDAE++ §4.2)."""
+invariance, and the zero label as "no augmentation" (NVlabs/edm `training/augment.py`; DDAE++ §4.2)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def centroid(img: torch.Tensor, near: torch.Tensor, radius: float = 7.0) -> torc
 
 
 def test_label_layout_and_rates_match_edm():
-    """Non-zero rate of each label column over many images = EDM's (architecture.md §6, counted on
+    """Non-zero rate of each label column over many images = EDM's (NVlabs/edm `training/augment.py`, counted on
     the reference: [0.50, 0.06, 0.12, 0.12, 0.12, 0.12, 0.06, 0.12, 0.12] at p = 0.12)."""
     p = draw(40_000)
     lab = p.label
@@ -149,7 +149,7 @@ def test_zero_label_leaves_the_network_output_unchanged(backbone, kw):
 
 
 # ------------------------------------------------------------------------------------------------
-# EDM2 uncertainty weighting, used with EDM + Aug (DDAE++ App. B; architecture.md §5.3)
+# EDM2 uncertainty weighting, used with EDM + Aug (DDAE++ App. B; NVlabs/edm2 `training/training_loop.py`)
 # ------------------------------------------------------------------------------------------------
 
 

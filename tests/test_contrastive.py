@@ -1,5 +1,5 @@
 """Contrastive self-distillation with the EMA teacher, and the training objective around it
-(DDAE++ §4.2, App. A, Tab. 6b–e; architecture.md §7)."""
+(DDAE++ §4.2, App. A, Tab. 6b–e; facebookresearch/moco-v3 `moco/builder.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LightningDiT backbone (nets/dit.py): parameter counts against architecture.md §0.1/§3.3 and DDAE++ Tab. 4,
+"""LightningDiT backbone (nets/dit.py): parameter counts against docs/design.md §4 and DDAE++ Tab. 4,
 self-conditioning as an exact no-op at init, the tap API, labels, and the shipped Table 4 recipes."""
 
 import json
@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT, cli_inprocess
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import build_backbone
-from ddaepp_cli.nets.dit import rope_tables, sincos_pos_embed_2d
+from ddaepp_cli.nets.common import sincos_pos_embed_2d
+from ddaepp_cli.nets.dit import rope_tables
 
 
 def count(**kw) -> int:

@@ -148,7 +148,7 @@ def test_ddpm_schedule_facts():
     assert form.betas[0] == 0 and len(form.betas) == 1001  # leading β_0 = 0, indices 1..T
     assert float(form.alpha(0)) == 1.0
     assert math.isclose(float(form.alpha(1)) ** 2, 0.9999, rel_tol=1e-12)
-    # DDAE++ Tab. 9 probe time t = 11: √ᾱ = 0.99890, noise std 0.0468 (architecture.md §5.1)
+    # DDAE++ Tab. 9 probe time t = 11: √ᾱ = 0.99890, noise std 0.0468 (FutureXiang/ddae `model/DDPM.py` schedule)
     assert abs(float(form.alpha(11)) - 0.99890) < 5e-6 and abs(float(form.sigma(11)) - 0.0468) < 5e-5
     assert torch.equal(form.net_time(torch.tensor([500, 1000])), torch.tensor([0.5, 1.0]))
     t = form.sample_time(10_000, generator=torch.Generator().manual_seed(0))
@@ -166,7 +166,7 @@ def test_ddpm_ddim_grid_is_ddae():
 
 def test_ddae_ddim_quirk_changes_sampling_only():
     plain, quirk = DDPM(), DDPM(ddae_ddim_quirk=True)
-    assert abs(float(quirk.alpha(1)) ** 2 - 0.99978) < 1e-5  # ᾱ'_1 (architecture.md §5.1)
+    assert abs(float(quirk.alpha(1)) ** 2 - 0.99978) < 1e-5  # ᾱ'_1 (FutureXiang/ddae `model/DDPM.py` `schedules(..., 'DDIM')`)
     assert math.isclose(float(quirk.alpha(0)) ** 2, 1 - 1e-4)  # ᾱ'_0 = 1 − β'_0, no leading zero
     x0, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([1, 500])
     assert torch.equal(plain.perturb(x0, t, noise), quirk.perturb(x0, t, noise))
@@ -229,12 +229,12 @@ def test_shift_concentrates_steps_near_noise():
     assert (shifted[1:-1] > t[1:-1]).all()  # every interior time moves towards noise (t → 1)
     grid = RF(t_max=1.0).time_grid("euler", 100, shift=3.3)
     assert (grid > 0.5).sum() > 70  # most of the 100 steps are spent at t > 0.5
-    # DDAE++'s 3.3 in paper time is LightningDiT's 0.3 in its mirrored time (architecture.md §5.5)
+    # DDAE++'s 3.3 in paper time is LightningDiT's 0.3 in its mirrored time (docs/design.md §1)
     assert torch.allclose(1 - shift_time(1 - t, 1 / 0.3), shift_time(t, 0.3), atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
-# time values on the command line (SPEC §1)
+# time values on the command line
 
 
 def test_parse_time_valid():

@@ -192,7 +192,8 @@ def test_vavae_and_sdvae_parameter_counts_on_meta():
     assert [type(b).__name__ for b in vavae.decoder.up_blocks] == ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 4
     sdvae = build_autoencoder(KINDS["sdvae"].config, device="meta")
     assert sum(p.numel() for p in sdvae.parameters()) == KINDS["sdvae"].params == 83_653_863
-    # the full-size LDM layout has exactly the 50 in-level attention keys architecture.md §10.3 counts
+    # the full-size LDM layout has exactly the 50 in-level attention keys
+    # (encoder.down.4.attn.*, decoder.up.4.attn.*) that diffusers' converter misses
     with torch.device("meta"):
         ref = LDMAutoencoderKL(ch=128, ch_mult=(1, 1, 2, 2, 4), z=32, attn_levels=(4,))
     keys = ref.state_dict().keys()

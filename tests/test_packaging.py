@@ -45,7 +45,7 @@ def test_pixi_tasks_and_environments():
 
 
 def test_torch_spec_excludes_the_local_cpu_wheel():
-    # SPEC §6: the local torch 2.13.0+cpu wheel breaks torchvision; never let pip pick it.
+    # The local torch 2.13.0+cpu wheel breaks torchvision; never let pip pick it.
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())
     torch_spec = dict(_split(r) for r in py["project"]["dependencies"])["torch"]
     assert "!=2.13.0" in torch_spec

@@ -1,4 +1,4 @@
-"""Samplers on the one case with a known answer: Gaussian data (architecture.md §13); seeding.
+"""Samplers on the one case with a known answer: Gaussian data (closed-form E[x0|x_t]); seeding.
 
 For x0 ~ N(μ, Σ) with diagonal Σ and x_t = α·x0 + σ·ε the ideal denoiser is linear,
 E[x0 | x_t] = μ + αΣ(α²Σ + σ²)⁻¹(x_t − αμ), and the probability-flow ODE has a closed-form

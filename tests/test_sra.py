@@ -65,7 +65,7 @@ def test_weight_zero_gives_exactly_the_plain_step(recipe, tmp_path):
 
 def test_head_loss_and_schedule():
     head = SRAHead(768, student_layer="3", teacher_layer="8")
-    assert sum(p.numel() for p in head.parameters()) == 2_361_600  # architecture.md §0.1
+    assert sum(p.numel() for p in head.parameters()) == 2_361_600  # vvvvvjdy/SRA `SimpleHead`, D→2D→D (docs/design.md §4)
     h = SRAHead(8, student_layer="1", teacher_layer="2", beta=0.05)
     s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     z = h.head(s)

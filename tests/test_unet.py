@@ -1,4 +1,5 @@
-"""UNet backbones, the feature-tap API and self-conditioning (architecture.md §0.1, §1, §4; DDAE++ §4.1)."""
+"""UNet backbones, the feature-tap API and self-conditioning (FutureXiang/ddae `model/unet.py`;
+docs/design.md §3–4; DDAE++ §4.1)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import BACKBONES, build_backbone
-from ddaepp_cli.nets.layers import sinusoidal_embedding
+from ddaepp_cli.nets.common import sinusoidal_embedding
 from ddaepp_cli.nets.taps import expand_layer_spec, validate_layers
 
 UNETS = ("ddpm", "ddpmpp")
@@ -51,7 +52,7 @@ def inputs(batch: int = 2, size: int = 16, channels: int = 3):
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameter counts (architecture.md §0.1, counted on the official modules; DDAE++ Tab. 8 and §4.2)
+# Parameter counts (docs/design.md §4, counted on the official modules; DDAE++ Tab. 8 and §4.2)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -97,7 +98,7 @@ def test_matches_official_ddae_outputs(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# Layer names and shapes (architecture.md §1.5)
+# Layer names and shapes (FutureXiang/ddae `model/unet.py` hooks)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -195,7 +196,7 @@ def test_unknown_layer_lists_valid_names():
 
 
 # ------------------------------------------------------------------------------------------------
-# Self-conditioning (DDAE++ §4.1; architecture.md §4)
+# Self-conditioning (DDAE++ §4.1; docs/design.md §3)
 # ------------------------------------------------------------------------------------------------
 
 

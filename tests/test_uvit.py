@@ -1,5 +1,5 @@
 """UViT-S: parameter counts, taps, [CLS] self-conditioning, the augmentation token and its mask
-(architecture.md §2; DDAE++ §4.1–4.2, Fig. 2, App. B)."""
+(baofff/U-ViT `libs/uvit.py`; DDAE++ §4.1–4.2, Fig. 2, App. B)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import build_backbone
-from ddaepp_cli.nets.uvit import uvit_time_embedding
+from ddaepp_cli.nets.common import timestep_embedding as uvit_time_embedding
 from ddaepp_cli.training.state import param_groups
 
 TINY = dict(image_size=8, in_channels=1, width=32, depth=4, heads=2)
@@ -29,7 +29,7 @@ def n_params(model) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameter counts: the official U-ViT CIFAR small config (architecture.md §2.2, DDAE++ Tab. 8 "44.3M")
+# Parameter counts: the official U-ViT CIFAR small config (docs/design.md §4, DDAE++ Tab. 8 "44.3M")
 # ------------------------------------------------------------------------------------------------
 
 
@@ -43,7 +43,7 @@ def test_uvit_s_parameter_counts(kwargs, expected):
     with torch.device("meta"):
         model = build_backbone("uvit", **kwargs)
     assert n_params(model) == expected
-    # the parts of architecture.md §2.2
+    # the parts, counted on baofff/U-ViT `libs/uvit.py`
     assert n_params(model.in_blocks[0]) == 3_150_848 and n_params(model.out_blocks[0]) == 3_675_648
     assert len(model.in_blocks) == len(model.out_blocks) == 6  # + mid = 13 blocks
     assert model.pos_embed.shape[1] == 1 + 256 + int("augment_dim" in kwargs)

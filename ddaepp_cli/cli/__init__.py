@@ -30,7 +30,7 @@ __all__ = ["app", "main"]
 
 def main(argv: Optional[List[str]] = None, prog_name: str = "ddaepp") -> None:
     """Entry point: Click's own parse errors (unknown option, `--n abc`, missing argument, unknown
-    command) become one `error:` line and exit 2, like every other bad input (SPEC §1), instead of
+    command) become one `error:` line and exit 2, like every other bad input, instead of
     Click's multi-line usage box."""
     # Click's UsageError (base of BadParameter, NoSuchOption, MissingParameter): found through the public
     # typer.BadParameter, because typer ≥ 0.25 vendors its own Click and older releases use click itself.

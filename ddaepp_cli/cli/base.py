@@ -67,9 +67,57 @@ def _main_options(
     """Diffusion models as unified generative and discriminative learners (DDAE++, DDAE, SRA)."""
 
 
+
+# Options several commands share: one definition each, help text included.
+def json_option(help: str = "Print one JSON object on stdout."):
+    return typer.Option(False, "--json", help=help)
+
+
+def run_argument():
+    return typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors.")
+
+
+def device_option():
+    return typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available).")
+
+
+def weights_option(help: str = "ema or raw."):
+    return typer.Option("ema", "--weights", help=help)
+
+
+def dataset_option():
+    return typer.Option(None, "--dataset", help="digits, cifar10, cifar100 or imagefolder (default: the recipe's).")
+
+
 def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
+
+
+
+def report(result, json_out: bool, show) -> None:
+    """`--json`: the result as one JSON object on stdout; otherwise the command's own `show(result)`."""
+    if json_out:
+        emit_json(result)
+    else:
+        show(result)
+
+
+def check_plot_for_checkpoints(plot, checkpoints: str | None) -> None:
+    if plot is not None and checkpoints not in (None, "latest"):
+        raise UsageError("--plot names one file; with --checkpoints each checkpoint's plot goes next to its record")
+
+
+def report_checkpoints(result, json_out: bool, show, score: str) -> None:
+    """`report` for a result of `eval.latentprobe.over_checkpoints`: with several checkpoints, each one's
+    result, then the table of `score` per checkpoint on stderr."""
+    if json_out or "checkpoints" not in result:
+        return report(result, json_out, show)
+    from ..eval.latentprobe import format_checkpoints
+
+    for r in result["results"]:
+        show(r)
+    print(format_checkpoints(result, score), file=sys.stderr)
 
 
 def handle_errors(fn):
@@ -94,6 +142,15 @@ def handle_errors(fn):
             raise typer.Exit(2)
 
     return wrapper
+
+
+def command(*args, **kwargs):
+    """Register a command on `app` (Typer's `app.command` arguments) with `handle_errors` around it."""
+
+    def register(fn):
+        return app.command(*args, **kwargs)(handle_errors(fn))
+
+    return register
 
 
 def resolve_recipe_path(recipe: str) -> Path:

@@ -11,13 +11,13 @@ from typing import Optional
 
 import typer
 
-from .base import emit_json, app, handle_errors
+from .base import (check_plot_for_checkpoints, command, device_option, json_option, report, report_checkpoints,
+                   run_argument, weights_option)
 from ..errors import UsageError
 
 
-@app.command(epilog="Examples: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json; "
+@command(epilog="Examples: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json; "
                      "ddaepp fid runs/imagenet256_rf_ditb_cond --ref VIRTUAL_imagenet256_labeled.npz --checkpoints all")
-@handle_errors
 def fid(
     samples_or_run: str = typer.Argument(..., help="Image folder, .npz of images (arr_0, uint8 NHWC), or a run / checkpoint (samples generated on the fly; latent runs decode through their VAE)."),
     ref: Optional[str] = typer.Option(None, "--ref", help="cifar10-train, cifar10-val, cifar100-train, cifar100-val, stl10-*, an image folder, an .npz of images, or statistics {mu, sigma[, mu_s, sigma_s]} (.npz: ADM reference batch, EDM, ddaepp). Default: <dataset>-train for CIFAR runs; $DDAEPP_CACHE/refs/VIRTUAL_imagenet256_labeled.npz for latent runs."),
@@ -37,12 +37,12 @@ def fid(
     save_samples: Optional[Path] = typer.Option(None, "--save-samples", help="Also write a run's generated samples (PNGs, samples.npz, grid) to this folder."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler for a run (default: the recipe's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps for a run (default: the recipe's / paper's)."),
-    weights: str = typer.Option("ema", "--weights", help="ema or raw weights of a run."),
+    weights: str = weights_option("ema or raw weights of a run."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x̂0 to [-1, 1] inside the sampler."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where registered reference sets live (default $DDAEPP_DATA, else ./data)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    device: Optional[str] = device_option(),
+    json_out: bool = json_option(),
 ) -> None:
     """FID, sFID, IS, KID and precision/recall through torch-fidelity's Inception, with a protocol record."""
     from ..eval.fid import fid as run_fid, print_fid
@@ -61,16 +61,12 @@ def fid(
                      checkpoints=checkpoints, cfg_scale=cfg_scale, cfg_interval=cfg_interval, protocol=protocol)
     if not result:  # ranks other than 0
         return
-    if json_out:
-        emit_json(result)
-    else:
-        print_fid(result)
+    report(result, json_out, print_fid)
 
 
-@app.command(epilog="Example: ddaepp segprobe runs/cifar10_edm_ddpmpp --dataset voc --data-root data/VOCdevkit --json")
-@handle_errors
+@command(epilog="Example: ddaepp segprobe runs/cifar10_edm_ddpmpp --dataset voc --data-root data/VOCdevkit --json")
 def segprobe(
-    run_or_ckpt: str = typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors."),
+    run_or_ckpt: str = run_argument(),
     dataset: str = typer.Option("ade20k", "--dataset", help="ade20k (150 classes) or voc (21 classes)."),
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="all, latest (default) or steps 100000,200000 of a run: each is probed, the best mIoU reported."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="ADEChallengeData2016 / VOC2012 folder or a parent of it (default $DDAEPP_DATA, else ./data)."),
@@ -83,33 +79,23 @@ def segprobe(
     label_size: int = typer.Option(256, "--label-size", help="Side of the label maps: mIoU is measured there (paper: 256)."),
     grid: int = typer.Option(16, "--grid", help="Feature grid before the head (paper: 16×16 patch tokens, then ×16 upsampling)."),
     cache_features: str = typer.Option("auto", "--cache-features", help="auto (keep features in memory when they fit), on, off."),
-    weights: str = typer.Option("ema", "--weights", help="ema or raw."),
+    weights: str = weights_option(),
     seed: int = typer.Option(0, "--seed", help="Noise, head initialisation and batch order."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding processes (default 4 on a GPU, 0 on a CPU)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)."),
+    device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of predictions beside ground truth (default: next to the eval record)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Dense linear probe (semantic segmentation, mIoU) on frozen noised features of two layers."""
-    import sys
-
-    from ..eval.latentprobe import format_checkpoints, over_checkpoints
+    from ..eval.latentprobe import over_checkpoints
     from ..eval.segprobe import print_segprobe, segprobe as run_segprobe
 
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {workers}")
-    if plot is not None and checkpoints not in (None, "latest"):
-        raise UsageError("--plot names one file; with --checkpoints each checkpoint's plot goes next to its record")
+    check_plot_for_checkpoints(plot, checkpoints)
     result = over_checkpoints(run_or_ckpt, checkpoints, lambda ckpt: run_segprobe(
         ckpt, dataset=dataset, data_root=data_root, layers=layers, timestep=timestep, epochs=epochs, lr=lr,
         batch_size=batch_size, image_size=image_size, label_size=label_size, grid=grid, cache_features=cache_features,
         weights=weights, seed=seed, workers=workers, device=device, plot=str(plot) if plot else None),
         score=lambda r: r["miou"], command="segprobe")
-    if json_out:
-        emit_json(result)
-    elif "checkpoints" in result:
-        for r in result["results"]:
-            print_segprobe(r)
-        print(format_checkpoints(result, "mIoU (%)"), file=sys.stderr)
-    else:
-        print_segprobe(result)
+    report_checkpoints(result, json_out, print_segprobe, "mIoU (%)")

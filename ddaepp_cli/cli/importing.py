@@ -8,22 +8,21 @@ from typing import List, Optional
 
 import typer
 
-from .base import emit_json, resolve_recipe_path, app, handle_errors
+from .base import command, emit_json, json_option, resolve_recipe_path, weights_option
 
 
-@app.command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
+@command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
              "--out runs/ddae_edm_ddpmpp")
-@handle_errors
 def import_cmd(
     source: Path = typer.Argument(..., help="The checkpoint file (.pt/.pth/.ckpt read with torch.load(weights_only=True), or .safetensors)."),
     family: str = typer.Option(..., "--from", help="ddae, uvit, lightningdit, sra, repa, dit, sit."),
     recipe: str = typer.Option(..., "--recipe", help="Recipe YAML or shipped recipe name whose network matches the checkpoint."),
     out: Path = typer.Option(..., "--out", help="New run folder (must not exist or be empty)."),
-    weights: str = typer.Option("ema", "--weights", help="ema: the file's EMA weights become ema.safetensors (raw weights, where present, model.safetensors); model: its raw weights become both."),
+    weights: str = weights_option("ema: the file's EMA weights become ema.safetensors (raw weights, where present, model.safetensors); model: its raw weights become both."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Latent families: the VAE the network was trained with (LDM or diffusers layout)."),
     latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="LightningDiT only: the per-channel latent mean/std it was trained with (latents_stats.pt); DiT/SiT/REPA/SRA use the fixed SD-VAE scale 0.18215."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set model.num_classes=1000 (repeatable)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Convert a DDAE / U-ViT / LightningDiT / DiT / SiT / REPA / SRA checkpoint into a run: keys, conventions, a source record."""
     from ..importers import import_checkpoint

@@ -9,12 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from .base import emit_json, resolve_recipe_path, app, handle_errors
+from .base import command, emit_json, json_option, resolve_recipe_path
 from ..errors import UsageError
 
 
-@app.command("profile-layers", epilog="Example: ddaepp profile-layers imagenet256_rf_ditb_cond --candidates 8-11 --epochs 20 --json | jq .best")
-@handle_errors
+@command("profile-layers", epilog="Example: ddaepp profile-layers imagenet256_rf_ditb_cond --candidates 8-11 --epochs 20 --json | jq .best")
 def profile_layers(
     recipe: str = typer.Argument(..., help="Recipe YAML (or a shipped recipe name); its self-conditioning layer is replaced."),
     candidates: str = typer.Option(..., "--candidates", help="Layers to try: 8-11, out_6-9, 7,9,12."),
@@ -24,7 +23,7 @@ def profile_layers(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Folder of the runs (default runs/<recipe>-profile); re-running resumes."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Loss-curve PNG (default <run-dir>/loss_curves.png)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set train.global_batch=256 (repeatable)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (`best` is the chosen layer)."),
+    json_out: bool = json_option("Print one JSON object on stdout (`best` is the chosen layer)."),
 ) -> None:
     """Short runs with self-conditioning at each candidate layer plus the baseline; the lowest final loss wins."""
     from ..training.profile import format_table, profile_layers as run_profile
@@ -41,11 +40,10 @@ def profile_layers(
         print(result["best"])
 
 
-@app.command("cache-latents", epilog="Example: ddaepp cache-latents --data imagenet/train --vae ~/.cache/ddaepp/weights/"
+@command("cache-latents", epilog="Example: ddaepp cache-latents --data imagenet/train --vae ~/.cache/ddaepp/weights/"
              "vavae-imagenet256-f16d32-dinov2.pt --out data/imagenet256_vavae; then the validation split: "
              "ddaepp cache-latents --data imagenet/val --labels LOC_val_solution.csv --classes data/imagenet256_vavae "
              "--out data/imagenet256_vavae_val")
-@handle_errors
 def cache_latents(
     data: Path = typer.Option(..., "--data", help="Image folder: one subfolder per class (ImageNet train/), or flat (ImageNet val/ with --labels)."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="LDM-format VAE weights (.safetensors, or .pt/.ckpt read with "
@@ -62,7 +60,7 @@ def cache_latents(
                                           "or a text file of `<file> <class index or name>` lines (Caffe val.txt)."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Class list the --labels index: the training latent "
                                            "cache or the training class folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
     from ..data.latents import cache_latents as run_cache
@@ -84,13 +82,12 @@ def cache_latents(
               f"{result['out']}", file=sys.stderr)
 
 
-@app.command("export-digits", epilog="Example: ddaepp export-digits data/digits-imagenet && ddaepp cache-latents "
+@command("export-digits", epilog="Example: ddaepp export-digits data/digits-imagenet && ddaepp cache-latents "
              "--data data/digits-imagenet/train --vae tiny-vae.safetensors --out data/digits_lat --image-size 32")
-@handle_errors
 def export_digits(
     out: Path = typer.Argument(..., help="New (or empty) folder: train/<digit>/, val/<digit>/, val_flat/ + val_labels.txt."),
     image_size: int = typer.Option(32, "--image-size", help="Side of the PNGs (upsampled from 8×8 as the digits dataset is)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Write scikit-learn's digits as an ImageNet-style class folder (train and val), to try the latent pipeline on a CPU."""
     from ..data.exportdigits import export_digits as run_export

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import UsageError
 from . import base
-from .base import app, emit_json, handle_errors, resolve_recipe_path
+from .base import command, emit_json, json_option, report, resolve_recipe_path, run_argument, weights_option
 
 
 # ------------------------------------------------------------------------------------------------
@@ -20,8 +20,7 @@ from .base import app, emit_json, handle_errors, resolve_recipe_path
 # ------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: ddaepp train recipes/quickstart.yaml --run-dir runs/quick")
-@handle_errors
+@command(epilog="Example: ddaepp train recipes/quickstart.yaml --run-dir runs/quick")
 def train(
     recipe: str = typer.Argument(..., help="Recipe YAML (or a shipped recipe name)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default runs/<recipe name>). Re-running resumes."),
@@ -31,7 +30,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, parameter counts and batch plan; train nothing."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="With --dry-run: plan for this many processes."),
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change", help="Resume a run folder whose stored recipe differs."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Train a model from a recipe (resumes exactly when the run folder already has checkpoints)."""
     from ..recipe import load_recipe
@@ -47,10 +46,7 @@ def train(
     if dry_run:
         world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
         out = plan_run(rec, world, max_steps)
-        if json_out:
-            emit_json(out)
-        else:
-            _print_plan(out)
+        report(out, json_out, _print_plan)
         return
     run_dir = run_dir or Path("runs") / rec.name
     with run_lock(run_dir):  # one writer per run folder: a second `train` exits 2 (runlock.py)
@@ -92,16 +88,15 @@ def _print_plan(out: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: ddaepp sample runs/quickstart --n 64 --out samples/quick")
-@handle_errors
+@command(epilog="Example: ddaepp sample runs/quickstart --n 64 --out samples/quick")
 def sample(
-    run_or_ckpt: str = typer.Argument(..., help="Run folder (latest checkpoint), checkpoint folder, or its .safetensors."),
+    run_or_ckpt: str = run_argument(),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images (seeds 0..N-1)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seed range or list: 0-49999, 3,5,9."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (must not exist or be empty)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's/formulation's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the paper's)."),
-    weights: str = typer.Option("ema", "--weights", help="ema or raw."),
+    weights: str = weights_option(),
     fmt: str = typer.Option("png,npz,grid", "--format", help="Comma list of png, npz, grid."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (results do not depend on it)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x̂0 to [-1, 1] inside the sampler."),
@@ -109,7 +104,7 @@ def sample(
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, class-conditional models (default: the recipe's; 1 = none)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (default: class seed % num_classes)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Generate images with per-sample seeds (identical for any batch size or process count)."""
     from ..sample import parse_formats, sample_command
@@ -136,9 +131,8 @@ def sample(
 # ------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: ddaepp recipes --json | jq '.[].name'")
-@handle_errors
-def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON array on stdout.")) -> None:
+@command(epilog="Example: ddaepp recipes --json | jq '.[].name'")
+def recipes(json_out: bool = json_option("Print one JSON array on stdout.")) -> None:
     """List the shipped recipes with the paper row each reproduces."""
     from ..recipe import load_recipe
 
@@ -186,10 +180,9 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
     console.print(table)
 
 
-@app.command(epilog="Example: ddaepp info runs/quickstart --json")
-@handle_errors
+@command(epilog="Example: ddaepp info runs/quickstart --json")
 def info(run_dir: Path = typer.Argument(..., help="A run folder."),
-         json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")) -> None:
+         json_out: bool = json_option()) -> None:
     """Summarise a run: recipe, checkpoints, last logged metrics."""
     from ..checkpoint import checkpoint_recipe, list_checkpoints
 

@@ -1,4 +1,4 @@
-"""Cached VAE latents (LightningDiT `extract_features.py`, `datasets/img_latent_dataset.py`; architecture.md §10):
+"""Cached VAE latents (LightningDiT `extract_features.py`, `datasets/img_latent_dataset.py`):
 `ddaepp cache-latents` writes them, the `latents` dataset memory-maps them.
 
 Cache folder layout (`--out`):
@@ -15,7 +15,7 @@ shard whose record and checksum match (resumable) and encodes only the rest. Pro
 a barrier. The statistics are exact over the whole set, accumulated in float64 (LightningDiT estimates
 them from 10,000 random latents).
 
-Encoding (architecture.md §10.1): ADM centre crop to `--image-size`, [−1, 1], the VAE encoder's posterior
+Encoding (hustvl/LightningDiT `extract_features.py`): ADM centre crop to `--image-size`, [−1, 1], the VAE encoder's posterior
 for the image and its mirror, one posterior *sample* each (mean + std·ε) with ε drawn from a generator
 seeded by the image's index (stream 0 unflipped, stream 1 mirrored; drawn on the CPU), so a re-run —
 at any batch size, on any device count — reproduces the same noise.

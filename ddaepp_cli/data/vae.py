@@ -2,7 +2,7 @@
 (or from diffusers' own layout: a `save_pretrained` folder or its weights file, vae_diffusers.py).
 
 The network is diffusers' `AutoencoderKL` (a well-kept implementation); only the key conversion is
-ours (architecture.md §10.3):
+ours (layout: hustvl/LightningDiT `tokenizer/configs/vavae_f16d32.yaml`, CompVis LDM `AutoencoderKL`):
 
 * training-only keys of the released VA-VAE file are dropped — `loss.*` (LPIPS / discriminator),
   `foundation_model.*` (DINOv2), `linear_proj.*` (the alignment projection) — and a Lightning

@@ -1,5 +1,5 @@
 """EDM's non-leaky geometric augmentation (Karras et al. 2022, App. F.2; edm:training/augment.py
-`AugmentPipe`, geometric subset; DDAE++ §4.2; architecture.md §6).
+`AugmentPipe`, geometric subset; DDAE++ §4.2; settings of NVlabs/edm `train.py` and FutureXiang/ddae `model/EDM.py`).
 
 Each image is x-flipped, y-flipped, isotropically scaled, rotated, anisotropically scaled and
 fractionally translated, each transform applied with probability multiplier × p (p = 0.12; x-flip's

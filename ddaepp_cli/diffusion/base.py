@@ -1,6 +1,6 @@
 """The shared shape of every formulation (DDAE++ App. A): x_t = α(t)·x0 + σ(t)·ε, t = 0 is data.
 
-All times are in the paper's convention (architecture.md §0.2): DDPM's integer step t ∈ {0..T},
+All times are in the paper's convention (DDAE++ App. A; docs/design.md §1): DDPM's integer step t ∈ {0..T},
 EDM's noise level σ, RF's t ∈ [0, 1]; larger t is noisier. What the network embeds is
 `net_time(t)`, never t itself. Samplers (samplers.py) see only `alpha`, `sigma`, their time
 derivatives, `time_grid` and a denoiser that returns a `Prediction`.
@@ -87,7 +87,7 @@ class Formulation:
         return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), x0) * noise
 
     def net_time(self, t: Tensor) -> Tensor:
-        """The value the network's time embedding receives (architecture.md §0.2)."""
+        """The value the network's time embedding receives (docs/design.md §1)."""
         raise NotImplementedError
 
     def net_input_scale(self, t: Tensor) -> Tensor | float:
@@ -196,7 +196,7 @@ class Formulation:
         raise NotImplementedError
 
     def parse_time(self, text: str) -> float:
-        """A time value from the command line (SPEC §1) → paper time; UsageError outside the schedule."""
+        """A time value from the command line → paper time; UsageError outside the schedule."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers

@@ -1,5 +1,5 @@
 """Classifier-free guidance with a guidance interval, as a denoiser wrapper (Ho & Salimans, 2022; Kynkäänniemi
-et al., 2024; DDAE++ §5.2, Tab. 7; architecture.md §5.5).
+et al., 2024; DDAE++ §5.2, Tab. 7; hustvl/LightningDiT `models/lightningdit.py` `forward_with_cfg`).
 
     out = u + w·(c − u)    for paper t in [lo, hi];     out = c    elsewhere
 

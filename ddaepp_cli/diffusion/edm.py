@@ -1,7 +1,7 @@
 """EDM (Karras et al., 2022; DDAE++ App. A): x_σ = x0 + σ·ε, time = σ, preconditioned denoiser D.
 
 Preconditioning, loss weight and sampling schedule of edm:training/networks.py `EDMPrecond`,
-edm:training/loss.py `EDMLoss` and ddae:model/EDM.py (architecture.md §5.2); "Table 1", "Eq. 5" and
+edm:training/loss.py `EDMLoss` and ddae:model/EDM.py (NVlabs/edm, FutureXiang/ddae); "Table 1", "Eq. 5" and
 "Alg. 1" below refer to Karras et al. 2022.
 """
 

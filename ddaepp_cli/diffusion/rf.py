@@ -1,9 +1,9 @@
 """Rectified flow (Liu et al., 2023; DDAE++ App. A): x_t = (1 − t)·x0 + t·ε, v = ε − x0, in pixel space and,
-with LightningDiT's options, in latent space (DDAE++ Tab. 7; architecture.md §5.5): logit-normal t, the
+with LightningDiT's options, in latent space (DDAE++ Tab. 7; hustvl/LightningDiT `transport/`, `train.py`): logit-normal t, the
 extra cosine term, t up to 1 and the timestep-shifted Euler grid. CFG wraps the denoiser (cfg.py).
 
 Paper convention, t = 0 is data. The official RF code (gnobitab/RectifiedFlow) runs the mirrored
-time t_RF = 1 − t; conventions and constants are mapped in architecture.md §0.2 and §5.4.
+time t_RF = 1 − t; conventions and constants are mapped in docs/design.md §1.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     """Timestep shift in paper time, t' = s·t / (1 + (s − 1)·t) (the SD3 shift, Esser et al. 2024).
 
     s > 1 pushes steps towards noise (t near 1); s = 1 is the identity. DDAE++'s "3.3" is this form;
-    LightningDiT writes the mirrored map with s = 0.3 ≈ 1/3.3 (architecture.md §5.5).
+    LightningDiT writes the mirrored map with s = 0.3 ≈ 1/3.3
+    (hustvl/LightningDiT `transport/transport.py`, `configs/*.yaml`).
     """
     return shift * t / (1.0 + (shift - 1.0) * t)
 
@@ -88,7 +89,7 @@ class RF(Formulation):
         return 1.0
 
     def sample_time(self, n: int, *, device: torch.device | str = "cpu", generator=None) -> Tensor:
-        if self.time_sampling == "logit_normal":  # LightningDiT `use_lognorm` (architecture.md §5.5)
+        if self.time_sampling == "logit_normal":  # hustvl/LightningDiT `use_lognorm` (`transport/transport.py`)
             return torch.sigmoid(torch.randn(n, device=device, generator=generator)) * self.t_max
         return torch.rand(n, device=device, generator=generator) * self.t_max  # t ~ U[0, t_max)
 

@@ -1,5 +1,5 @@
 """DDAE's label-free metrics and its noise-conditional classifier (DDAE §3.3 Eqs. 3–4, §4.1.3 Eq. 5;
-architecture.md §9.4–9.5).
+FutureXiang/ddae `contrastive.py`, `noisy_classifier_DDAE.py`).
 
 * Alignment / uniformity (`ddaepp align`): features of the same training image under two
   independent noises, L2-normalised; alignment = E‖f(x^ε1) − f(x^ε2)‖² (α = 2), uniformity =
@@ -151,7 +151,7 @@ def _short(run: dict) -> str:
 
 
 class NoiseLevels:
-    """Training draws and test grid of noise levels, with the raw value τ(t) embeds (architecture.md §9.5)."""
+    """Training draws and test grid of noise levels, with the raw value τ(t) embeds (DDAE `noisy_classifier_DDAE.py`)."""
 
     def __init__(self, formulation):
         self.f = formulation
@@ -192,7 +192,7 @@ class NoisyClassifier(nn.Module):
         self.head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, num_classes))
 
     def forward(self, features: Tensor, t_raw: Tensor) -> Tensor:
-        from ..nets.layers import sinusoidal_embedding
+        from ..nets.common import sinusoidal_embedding
 
         tau = self.time(sinusoidal_embedding(t_raw, self.sinusoid_dim))  # (B, D)
         return self.head(features + tau)  # (B, K)
@@ -224,12 +224,11 @@ def noisy_classifier(run_or_ckpt: str, *, layer: str | None = None, dataset: str
     """Library entry of `ddaepp noisy-classifier`: train over all noise levels, test per level.
 
     `epochs`, `batch_size`, `crop` = None: DDAE's (15, 512, crop) or `NOISY_DATASET_DEFAULTS`."""
-    from ..build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
     from .plots import accuracy_curve, check_png
     from .probe import cosine_lr
-    from ..sample import load_model, weights_of
+    from ..sample import load_for_eval
 
     check_png(plot)
     for name, v in (("--epochs", epochs), ("--batch-size", batch_size)):
@@ -241,9 +240,7 @@ def noisy_classifier(run_or_ckpt: str, *, layer: str | None = None, dataset: str
         raise UsageError(f"--n-test must be positive, got {n_test}")
     dev = pick_device(device)
     precision = precision_for(dev)
-    recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
-    weights = weights_of(run_or_ckpt, weights)  # a named .safetensors file decides (sample.py)
-    form = build_formulation(recipe)
+    recipe, model, ckpt, weights, form = load_for_eval(run_or_ckpt, weights, dev)  # weights: the file used
     train_ds = load_eval_dataset(recipe, dataset=dataset, split="train", root=data_root, command="noisy-classifier")
     test_ds = load_eval_dataset(recipe, dataset=dataset, split="test", root=data_root, command="noisy-classifier")
     check_same_classes(train_ds, test_ds)

@@ -131,7 +131,7 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
     from .features import (check_choice, default_time, layer_order, load_eval_dataset, parse_times,
                            pick_device, precision_for)
     from .plots import check_png, cka_heatmap
-    from ..sample import load_model, weights_of
+    from ..sample import load_for_eval, load_model
 
     check_choice("--features", features, FEATURES)
     check_choice("--split", split, ("train", "test"))
@@ -142,9 +142,7 @@ def cka_command(run_or_ckpt: str, other: str | None = None, *, layers: str | Non
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     dev = pick_device(device)
     precision = precision_for(dev)
-    recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
-    weights = weights_of(run_or_ckpt, weights)  # a named .safetensors file decides (sample.py)
-    form = build_formulation(recipe)
+    recipe, model, ckpt, weights, form = load_for_eval(run_or_ckpt, weights, dev)  # weights: the file used
     ds = load_eval_dataset(recipe, dataset=dataset, split=split, root=data_root, held_out=test_root, latent=True)
     n = min(n, len(ds))
     text = timestep or default_time(recipe, form)

@@ -1,4 +1,4 @@
-"""Evaluation results on disk: `<run>/eval/<command>-<timestamp>.json` with the protocol record (SPEC §1, §3).
+"""Evaluation results on disk: `<run>/eval/<command>-<timestamp>.json` with the protocol record.
 
 Every evaluation command (probe, cka, align, noisy-classifier, …) writes its full result — the same
 object `--json` prints — next to the checkpoint it evaluated, so a number found later in a run

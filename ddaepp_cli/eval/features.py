@@ -33,7 +33,7 @@ from ..errors import UsageError, choices
 # index 4 of the reversed 18-step schedule, pixel RF t = 0.06).
 DEFAULT_TIME = {"ddpm": "11", "edm": "idx:4", "rf": "0.06"}
 # Default timestep grids: DDAE's `linear.py --grid` ({1, 11, 21} DDPM, indices {3, 4, 5} EDM,
-# architecture.md §9.1). DDAE has no RF; ours brackets Tab. 9's 0.06 with noise-to-signal ratios
+# FutureXiang/ddae `linear.py`). DDAE has no RF; ours brackets Tab. 9's 0.06 with noise-to-signal ratios
 # (0.02, 0.064, 0.11) close to DDPM's grid (0.01, 0.047, 0.067).
 DEFAULT_GRID = {"ddpm": ("1", "11", "21"), "edm": ("idx:3", "idx:4", "idx:5"), "rf": ("0.02", "0.06", "0.1")}
 # Latent (DiT) runs: DDAE++ Tab. 9, ImageNet — RF t = 0.25 for every DiT.

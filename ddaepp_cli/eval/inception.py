@@ -1,7 +1,7 @@
 """Inception-v3 weights for FID / IS / KID: torch-fidelity's `inception-v3-compat` (the TF graph
 `inception-2015-12-05` that TTUR, ADM and EDM use), where its weights live, how they are checked.
 
-Weights are never downloaded behind the user's back (SPEC §6: no downloads at run time). They are
+Weights are never downloaded behind the user's back (no downloads at run time). They are
 looked up, in order, at
 
 1. `--inception-weights PATH`;
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import layout_mismatch
 from ..errors import UnavailableError, UsageError
 
 EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name
@@ -186,20 +187,11 @@ def check_weights_file(path: Path, sha256: str) -> None:
     if not isinstance(state, dict):
         raise UsageError(f"{path} holds a {type(state).__name__}, not a state dict; expected {WEIGHTS_NAME}")
     want = layout()
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    shape = [k for k in want if k in state and tuple(state[k].shape) != want[k][0]]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} with other shapes (e.g. {k}: {tuple(state[k].shape)}, expected {want[k][0]})")
-        raise UsageError(f"{path} is not in the layout of torch-fidelity's {EXTRACTOR}: " + ", ".join(parts)
-                         + f"; expected {WEIGHTS_NAME} from {WEIGHTS_URL}")
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}  # a non-tensor value: shape ()
+    problem = layout_mismatch(found, {k: s for k, (s, _) in want.items()})
+    if problem:
+        raise UsageError(f"{path} is not in the layout of torch-fidelity's {EXTRACTOR}: {problem}"
+                         f"; expected {WEIGHTS_NAME} from {WEIGHTS_URL}")
 
 
 def load_extractor(path: Path, features: list[str], *, device: torch.device, dtype: str = "float64"):

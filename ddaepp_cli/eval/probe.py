@@ -1,5 +1,5 @@
 """Linear probing of frozen diffusion features: the layer × timestep grid in one pass (DDAE §3.2,
-DDAE++ App. B "Linear and dense probing", Tab. 10; architecture.md §9.1–9.2).
+DDAE++ App. B "Linear and dense probing", Tab. 10; FutureXiang/ddae `linear.py`).
 
 Protocol (`ddae++`, the default): EMA weights; each training batch is flipped at random, noised at
 every requested time with fresh noise (the same ε for all times of a batch) and passed through the
@@ -257,10 +257,9 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     and the layer-wise curve of the final probe) or `latent` (the raw-latent baseline of a latent run).
     Multi-process aware (module doc): rank 0 writes the record and plot and returns the result, the
     other ranks return {}."""
-    from ..build import build_formulation
     from .evalrecord import (checkpoint_record, dataset_fingerprint, device_record, new_record_path,
                              save_record, timestamp, versions)
-    from ..sample import load_model, weights_of
+    from ..sample import load_for_eval
 
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol {protocol!r} is not known; valid: {choices(PROTOCOLS)}")
@@ -278,9 +277,7 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
     dist = Dist(pick_device(device) if device else None)  # several processes: this rank's device
     dev = dist.device
     precision = precision_for(dev)
-    recipe, model, ckpt = load_model(run_or_ckpt, weights, dev)
-    weights = weights_of(run_or_ckpt, weights)  # a named .safetensors file decides (sample.py)
-    formulation = build_formulation(recipe)
+    recipe, model, ckpt, weights, formulation = load_for_eval(run_or_ckpt, weights, dev)  # weights: the file used
     latent = recipe.data.dataset == "latents"
     if latent and proto.crop:
         raise UsageError("the ddae protocol's random crops are not available on cached latents (the paper's latent "

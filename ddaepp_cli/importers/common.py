@@ -94,6 +94,18 @@ def strip_prefix(sd: dict[str, Tensor], prefixes: Iterable[str]) -> dict[str, Te
     return sd
 
 
+# DiT / SiT / LightningDiT `TimestepEmbedder.mlp` and `LabelEmbedder.embedding_table` → ddaepp's flat modules
+DIT_EMBEDDER_PREFIXES = {"t_embedder.mlp.": "t_embedder.", "y_embedder.embedding_table.": "y_embedder."}
+
+
+def swap_prefix(key: str, table: dict[str, str]) -> str:
+    """`key` with the first of `table`'s old prefixes it starts with replaced by the new one; else unchanged."""
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def split_by_prefix(sd: dict[str, Tensor], prefixes: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(keys starting with any of `prefixes`, the rest)."""
     prefixes = tuple(prefixes)

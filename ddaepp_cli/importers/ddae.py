@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .common import Mapped, Source, rename, require_state_dict, split_by_prefix, strip_prefix
+from .common import Mapped, Source, rename, require_state_dict, split_by_prefix, strip_prefix, swap_prefix
 
 NAME = "ddae"
 BACKBONES = ("ddpm", "ddpmpp")
@@ -116,13 +116,8 @@ def convert(sd, model: torch.nn.Module, path: Path) -> Mapped:
                 return "mid.attn." + _attn(rest[5:])
             part, _, tail = rest.partition(".")
             return f"mid.{part}.{_res(tail)}"
-        if k.startswith("time_emb.aug_emb."):
-            return "time_emb.aug_proj." + k[len("time_emb.aug_emb."):]
-        if k.startswith("norm."):
-            return "out_norm." + k[len("norm."):]
-        if k.startswith("final."):
-            return "out_conv." + k[len("final."):]
-        return k  # image_proj.*, time_emb.lin1/lin2.*
+        # image_proj.*, time_emb.lin1/lin2.* keep their names
+        return swap_prefix(k, {"time_emb.aug_emb.": "time_emb.aug_proj.", "norm.": "out_norm.", "final.": "out_conv."})
 
     return rename(sd, key)
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .common import Mapped, Source, check_derived, is_state_dict, rename, require_state_dict, strip_prefix
+from .common import (DIT_EMBEDDER_PREFIXES, Mapped, Source, check_derived, is_state_dict, rename,
+                     require_state_dict, strip_prefix, swap_prefix)
 
 NAME = "lightningdit"
 BACKBONES = ("dit",)
@@ -102,13 +103,7 @@ def convert(sd, model: torch.nn.Module, path: Path) -> Mapped:
     def key(k: str) -> str | None:
         if k.startswith("feat_rope."):
             return None
-        if k.startswith("x_embedder.proj."):
-            return "x_embedder." + k[len("x_embedder.proj."):]
-        if k.startswith("t_embedder.mlp."):
-            return "t_embedder." + k[len("t_embedder.mlp."):]
-        if k.startswith("y_embedder.embedding_table."):
-            return "y_embedder." + k[len("y_embedder.embedding_table."):]
-        return k
+        return swap_prefix(k, {"x_embedder.proj.": "x_embedder.", **DIT_EMBEDDER_PREFIXES})
 
     return rename(sd, key, drop_reason="RoPE tables (computed by ddaepp; checked equal)")
 

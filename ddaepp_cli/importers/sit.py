@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .common import Mapped, Source, check_derived, is_state_dict, rename, strip_prefix
+from .common import DIT_EMBEDDER_PREFIXES, Mapped, Source, check_derived, is_state_dict, rename, strip_prefix, swap_prefix
 from .lightningdit import WRAPPERS, extract_dict
 
 # family → (where it is published, head prefixes, why they are dropped, diffusion formulations)
@@ -132,17 +132,10 @@ def convert(sd, model: torch.nn.Module, path: Path) -> Mapped:
     if "pos_embed" in sd:
         check_derived(sd, "pos_embed", _pos_table(cfg), path)  # computed on the CPU, whatever the model's device
 
-    def key(k: str) -> str | None:
-        if k.startswith("t_embedder.mlp."):
-            return "t_embedder." + k[len("t_embedder.mlp."):]
-        if k.startswith("y_embedder.embedding_table."):
-            return "y_embedder." + k[len("y_embedder.embedding_table."):]
-        return k
-
-    return rename(sd, key)
+    return rename(sd, lambda k: swap_prefix(k, DIT_EMBEDDER_PREFIXES))
 
 
 def _pos_table(cfg: dict) -> torch.Tensor:
-    from ..nets.dit import sincos_pos_embed_2d
+    from ..nets.common import sincos_pos_embed_2d
 
     return torch.from_numpy(sincos_pos_embed_2d(cfg["width"], cfg["image_size"] // cfg["patch_size"])).float()[None]

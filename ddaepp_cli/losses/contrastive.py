@@ -1,5 +1,5 @@
 """Contrastive self-distillation: MoCo v3 with the diffusion EMA model as teacher (DDAE++ §4.2, App. A,
-Tab. 6b–e; moco-v3:moco/builder.py; architecture.md §7).
+Tab. 6b–e; facebookresearch/moco-v3 `moco/builder.py`).
 
     q_i = pred(proj(pool(f_θ(view_i at a random t)) + e(t)))          online, with gradient
     k_i = proj_ema(pool(f_ema(view_i at the probing t)) + e_ema(t_p))    teacher, no gradient
@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nets.layers import TimeEmbedding, sinusoidal_embedding
+from ..nets.common import sinusoidal_embedding
+from ..nets.layers import TimeEmbedding
 from .aux import AuxLoss, teacher_input
 
 def pool(feat: Tensor) -> Tensor:

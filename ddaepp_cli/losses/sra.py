@@ -1,5 +1,5 @@
 """SRA — self-representation alignment (Jiang et al., 2025, "No Other Representation Component Is Needed";
-`SRA:SiT-SRA/loss.py`, `models/sit.py`; architecture.md §8).
+`SRA:SiT-SRA/loss.py`, `models/sit.py`; repository vvvvvjdy/SRA).
 
     L = L_diff + λ(epoch) · mean ℓ( head(h_s(x_t, t)), sg(h̄_T(x_t', t')) )
 

@@ -1,5 +1,6 @@
 """LightningDiT (Yao et al., 2025; `LightningDiT:models/lightningdit.py`) for latents, as DDAE++ uses it
-(§5.2, Tab. 8; architecture.md §3), with DDAE++ self-conditioning (§4.1) and the feature-tap API.
+(§5.2, Tab. 8; hustvl/LightningDiT `models/lightningdit.py`), with DDAE++ self-conditioning (§4.1) and
+the feature-tap API.
 
 Layout per block (adaLN-Zero, DiT): c = t_emb(t) + y_emb(y) → SiLU → Linear(D→6D) gives shift/scale/gate
 for attention and MLP; x += gate·Attn(modulate(RMSNorm(x))); x += gate·SwiGLU(modulate(RMSNorm(x))).
@@ -10,8 +11,8 @@ Final layer: RMSNorm → adaLN (shift, scale) → Linear(D → p²·C), zero-ini
 Parameter counts (all parameters, frozen positional embedding included; 32×16×16 latents, patch 1),
 pinned by tests: B/1 1000-class 130,556,192, L/1 458,152,960, XL/1 675,256,736. Unconditional models
 (`num_classes=0`) keep LightningDiT's 2-row label table (one "unconditional" row + the null row), so
-B/1 129,788,960 and L/1 457,129,984 — the counts behind the paper's 129.8M / 457.1M (architecture.md
-§3.3). Every sample of an unconditional model uses row 0; the table costs 2·D parameters and keeps
+B/1 129,788,960 and L/1 457,129,984 — the counts behind the paper's 129.8M / 457.1M (docs/design.md
+§4). Every sample of an unconditional model uses row 0; the table costs 2·D parameters and keeps
 checkpoints interchangeable with LightningDiT's layout.
 
 Labels: `class_labels=None` means the null class (row `num_classes`) for a conditional model — what
@@ -19,7 +20,7 @@ CFG's unconditional branch and DDAE's DiT probe feed — and row 0 for an uncond
 dropout for CFG (p = 0.1) is applied by the training objective, which draws the drop bits from the
 shared generator (train.py), not inside the network.
 
-Self-conditioning (DDAE++ §4.1, architecture.md §4.3): after block ℓ the tokens are mean-pooled and
+Self-conditioning (DDAE++ §4.1, docs/design.md §3): after block ℓ the tokens are mean-pooled and
 `SelfCond` adds s(t) ⊙ P(pool) to c for blocks ℓ+1…N and the final layer: +1,378,560 (B),
 +2,362,368 (L), +2,952,576 (XL); P is zero-initialised, so the model starts as its baseline bit for bit.
 
@@ -28,27 +29,24 @@ Taps: `"1"`…`"depth"` = the output tokens of that block, (B, N, D) (1-indexed,
 
 from __future__ import annotations
 
-import inspect
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from ddaepp_cli.errors import UsageError, choices
-from ddaepp_cli.nets.selfcond import SelfCond
-from ddaepp_cli.nets.taps import TapModule
+from ddaepp_cli.errors import UsageError
+from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, check_token_grid,
+    class_labels_or_null, init_config, modulate, patch_tokens, sincos_pos_embed_2d, timestep_embedding,
+    unpatchify)  # fmt: skip
 
 # LightningDiT_B_1 / XL_1; L/1 is not registered there: LightningDiT(depth=24, hidden 1024, 16 heads,
-# patch 1) as DDAE++ Tab. 8 (architecture.md §3.2). Options = LightningDiT defaults (`use_swiglu`,
-# `use_rmsnorm`, `use_rope` on, `use_qknorm` off).
+# patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults
+# (`use_swiglu`, `use_rmsnorm`, `use_rope` on, `use_qknorm` off).
 DIT_PRESETS: dict[str, dict] = {
     "B": dict(width=768, depth=12, heads=12),
     "L": dict(width=1024, depth=24, heads=16),
     "XL": dict(width=1152, depth=28, heads=16),
 }
-FREQ_DIM = 256  # t-embedder sinusoid width (DiT `frequency_embedding_size`)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,32 +54,12 @@ FREQ_DIM = 256  # t-embedder sinusoid width (DiT `frequency_embedding_size`)
 # ------------------------------------------------------------------------------------------------
 
 
-def timestep_sinusoid(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10_000.0) -> torch.Tensor:
-    """DiT's `timestep_embedding`: [cos(t·f_k), sin(t·f_k)], f_k = exp(−ln(max_period)·k/(dim/2)), float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
-    return torch.cat((args.cos(), args.sin()), dim=1)  # (B, dim)
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """MAE/DiT `get_2d_sincos_pos_embed` (grid×grid, dim) float64: first dim/2 channels encode the
-    column, last dim/2 the row (its `meshgrid(grid_w, grid_h)`), each [sin, cos] over dim/4 frequencies."""
-    coords = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))  # (w, h) grids
-
-    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))  # (d/2,)
-        out = pos.reshape(-1)[:, None] * omega[None]  # (N, d/2)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (N, d)
-
-    return np.concatenate([one_d(dim // 2, coords[0]), one_d(dim // 2, coords[1])], axis=1)  # (N, dim)
-
-
 def rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """EVA-02 `VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid)`: (N, head_dim) cos and sin.
 
     Per axis head_dim/4 frequencies 10000^(−2j/(head_dim/2)), each repeated for an interleaved pair; the
-    first half of the head rotates with the row index, the second with the column (architecture.md §3.1).
+    first half of the head rotates with the row index, the second with the column
+    (hustvl/LightningDiT `models/pos_embed.py`).
     """
     d = head_dim // 2
     freqs = 1.0 / 10_000 ** (torch.arange(0, d, 2, dtype=torch.float64)[: d // 2] / d)  # (d/2,)
@@ -113,10 +91,6 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
-
-
 # ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
@@ -135,14 +109,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, D/H)
         if rope is not None:
             cos, sin = (r.to(q.dtype) for r in rope)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         a = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
-        return self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return self.proj(rearrange(a, "b h n d -> b n (h d)"))
 
 
 class SwiGLU(nn.Module):
@@ -190,36 +163,17 @@ class FinalLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class DiT(TapModule):
+class DiT(AdaLNTrunk):
     """LightningDiT velocity/noise predictor with the tap API; see the module docstring."""
 
     def __init__(
-        self,
-        *,
-        in_channels: int = 32,
-        image_size: int = 16,
-        patch_size: int = 1,
-        width: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qk_norm: bool = False,
-        rope: bool = True,
-        num_classes: int = 0,
-        selfcond_layer: str | None = None,
-        selfcond_mode: str = "adaptive",
-        name: str = "dit",
-    ):
+        self, *, in_channels: int = 32, image_size: int = 16, patch_size: int = 1, width: int = 768, depth: int = 12,
+        heads: int = 12, mlp_ratio: float = 4.0, qk_norm: bool = False, rope: bool = True, num_classes: int = 0,
+        selfcond_layer: str | None = None, selfcond_mode: str = "adaptive", name: str = "dit",
+    ):  # fmt: skip
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-            heads=heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, rope=rope, num_classes=num_classes,
-            selfcond_layer=selfcond_layer, selfcond_mode=selfcond_mode,
-        )  # fmt: skip
-        if image_size % patch_size:
-            raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size}")
-        if width % heads or (width // heads) % 4:
-            raise UsageError(f"{name}: width {width} must split into {heads} heads whose width is a multiple of 4")
+        self.config = init_config(DiT, locals())
+        check_token_grid(name, image_size, patch_size, width, heads, head_multiple=4)  # 2-D RoPE: 4 | head width
         if width % 4:
             raise UsageError(f"{name}: width {width} must be a multiple of 4 (2-D sin-cos embedding)")
         if depth < 1 or num_classes < 0:
@@ -233,7 +187,7 @@ class DiT(TapModule):
         # LightningDiT: num_classes + 1 rows (the last = null class); unconditional: 1 + null (module doc)
         self.y_embedder = nn.Embedding(max(num_classes, 1) + 1, width)
         pos = torch.from_numpy(sincos_pos_embed_2d(width, grid)).float()[None]  # (1, N, D)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen, counted (architecture.md §3.3)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen, counted (docs/design.md §4)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch_size, in_channels)
         if rope:
@@ -241,88 +195,25 @@ class DiT(TapModule):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.use_rope = rope
-        self._init_weights()
+        self._init_adaln_weights(self.x_embedder)
+        self._selfcond_and_taps(name, depth, width, selfcond_layer, selfcond_mode)
 
-        names = [str(k) for k in range(1, depth + 1)]
-        self.selfcond_layer, self.selfcond = None, None
-        if selfcond_layer is not None:
-            selfcond_layer = str(selfcond_layer)
-            if selfcond_layer not in names[:-1]:  # after the last block only the final layer would see it
-                raise UsageError(f"invalid selfcond_layer {selfcond_layer!r} for {name} (depth {depth}); "
-                                 f"valid: {choices(names[:-1])}")
-            self.selfcond_layer = selfcond_layer
-            self.selfcond = SelfCond(width, width, FREQ_DIM, mode=selfcond_mode)  # built after init: P stays 0
-        self._register_taps(name, names, {n: width for n in names})
-
-    def _init_weights(self) -> None:
-        """LightningDiT `initialize_weights`, rule by rule."""
-        for m in self.modules():  # xavier-uniform Linear weights, zero biases
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight  # patch embed: xavier over the flattened kernel, zero bias
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"}  # frozen anyway; listed so AdamW never sees it with decay
-
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        class_labels: torch.Tensor | None = None,
-        aug_label: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if aug_label is not None:
-            raise UsageError(f"{self.backbone_name} takes no augmentation label")
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, class_labels=None, aug_label=None):
+        """TapModule's `_forward` (taps.py); `class_labels` (B,) or None for the null row (module doc)."""
         B, C, H, W = x.shape
-        if t.ndim == 0:
-            t = t.expand(B)
-        if class_labels is None:  # null class (conditional) or the unconditional row (module doc)
-            class_labels = torch.full((B,), self.num_classes if self.num_classes else 0, device=x.device)
-        elif self.num_classes == 0:
-            raise UsageError(f"{self.backbone_name} is unconditional (num_classes 0): class_labels must be None")
-        feats: dict[str, torch.Tensor] = {}
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-        t_sin = timestep_sinusoid(t)  # (B, 256), raw t as LightningDiT
+        t = batch_time(t, B)
+        class_labels = class_labels_or_null(self, class_labels, aug_label, B, x.device)  # module doc
+        h = patch_tokens(self.x_embedder(x)) + self.pos_embed  # (B, N, D)
+        t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256), raw t as LightningDiT
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-        for k, block in enumerate(self.blocks, start=1):
-            h = block(h, c, rope)
-            name = str(k)
-            if name in taps:
-                feats[name] = h
-            if stop_after == name:
-                return None, feats
-            if name == self.selfcond_layer:
-                c = self.selfcond(h.mean(dim=1), t_sin, c)  # (B, D) → used by blocks ℓ+1…N and the head
-        h = self.final_layer(h, c)  # (B, N, p·p·C)
-        p, hp, wp = self.patch_size, H // self.patch_size, W // self.patch_size
-        h = h.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)  # DiT unpatchify
-        return h, feats
+        h, c, feats = self._run_blocks(h, c, t_sin, taps, stop_after, rope)
+        if h is None:
+            return None, feats
+        return unpatchify(self.final_layer(h, c), self.patch_size, H, W), feats  # (B, C, H, W)
 
 
 def build_dit(size: str = "B", **overrides) -> DiT:
     """`DiT` from a size preset (B, L, XL) with recipe overrides (None = the preset's value)."""
-    if size not in DIT_PRESETS:
-        raise UsageError(f"unknown DiT size {size!r}; valid: {choices(DIT_PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
-    valid = [p for p in inspect.signature(DiT.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for dit; valid: {choices(valid)}")
-    return DiT(**{**DIT_PRESETS[size], **overrides, "name": "dit"})
+    return build_preset(DiT, DIT_PRESETS, size, overrides, what="DiT size", name="dit")

@@ -32,16 +32,14 @@ are added to c for the later blocks and the final layer (P zero-initialised).
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
-from ddaepp_cli.errors import UsageError, choices
-from ddaepp_cli.nets.dit import FREQ_DIM, modulate, sincos_pos_embed_2d, timestep_sinusoid
-from ddaepp_cli.nets.selfcond import SelfCond
-from ddaepp_cli.nets.taps import TapModule
+from ddaepp_cli.errors import UsageError
+from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, class_labels_or_null,
+    init_config, modulate, sincos_pos_embed_2d, timestep_embedding, unpatchify)  # fmt: skip
 
 # DiT:models.py `DiT_{S,B,L,XL}_{2,4,8}` (SiT:models.py uses the same table)
 DIT_ORIG_PRESETS: dict[str, dict] = {
@@ -83,32 +81,16 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C_out)
 
 
-class DiTOrig(TapModule):
+class DiTOrig(AdaLNTrunk):
     """The original DiT/SiT noise or velocity predictor with the tap API; see the module docstring."""
 
     def __init__(
-        self,
-        *,
-        in_channels: int = 4,
-        image_size: int = 32,
-        patch_size: int = 2,
-        width: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qk_norm: bool = False,
-        learn_sigma: bool = False,
-        num_classes: int = 0,
-        selfcond_layer: str | None = None,
-        selfcond_mode: str = "adaptive",
-        name: str = "dit_orig",
-    ):
+        self, *, in_channels: int = 4, image_size: int = 32, patch_size: int = 2, width: int = 768, depth: int = 12,
+        heads: int = 12, mlp_ratio: float = 4.0, qk_norm: bool = False, learn_sigma: bool = False,
+        num_classes: int = 0, selfcond_layer: str | None = None, selfcond_mode: str = "adaptive", name: str = "dit_orig",
+    ):  # fmt: skip
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-            heads=heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, learn_sigma=learn_sigma, num_classes=num_classes,
-            selfcond_layer=selfcond_layer, selfcond_mode=selfcond_mode,
-        )  # fmt: skip
+        self.config = init_config(DiTOrig, locals())
         if patch_size < 1 or image_size % patch_size:
             raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size} "
                              f"(DiT/SiT use {', '.join(map(str, PATCH_SIZES))})")
@@ -129,87 +111,24 @@ class DiTOrig(TapModule):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen; a parameter as in DiT (counted)
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch_size, self.out_channels)
-        self._init_weights()
+        self._init_adaln_weights(self.x_embedder.proj)  # DiT `initialize_weights`
+        self._selfcond_and_taps(name, depth, width, selfcond_layer, selfcond_mode)
 
-        names = [str(k) for k in range(1, depth + 1)]
-        self.selfcond_layer, self.selfcond = None, None
-        if selfcond_layer is not None:
-            selfcond_layer = str(selfcond_layer)
-            if selfcond_layer not in names[:-1]:
-                raise UsageError(f"invalid selfcond_layer {selfcond_layer!r} for {name} (depth {depth}); "
-                                 f"valid: {choices(names[:-1])}")
-            self.selfcond_layer = selfcond_layer
-            self.selfcond = SelfCond(width, width, FREQ_DIM, mode=selfcond_mode)  # built after init: P stays 0
-        self._register_taps(name, names, {n: width for n in names})
-
-    def _init_weights(self) -> None:
-        """DiT:models.py `initialize_weights`, rule by rule."""
-        for m in self.modules():  # xavier-uniform Linear weights, zero biases (timm's layers included)
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight  # patch embed initialised like a Linear
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"}
-
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        class_labels: torch.Tensor | None = None,
-        aug_label: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if aug_label is not None:
-            raise UsageError(f"{self.backbone_name} takes no augmentation label")
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, class_labels=None, aug_label=None):
+        """TapModule's `_forward` (taps.py); `class_labels` (B,) or None for the null row (module doc)."""
         B, C, H, W = x.shape
-        if t.ndim == 0:
-            t = t.expand(B)
-        if class_labels is None:  # null class (conditional) or the single unconditional row
-            class_labels = torch.full((B,), self.num_classes, device=x.device)
-        elif self.num_classes == 0:
-            raise UsageError(f"{self.backbone_name} is unconditional (num_classes 0): class_labels must be None")
-        feats: dict[str, torch.Tensor] = {}
+        t = batch_time(t, B)
+        class_labels = class_labels_or_null(self, class_labels, aug_label, B, x.device)  # null class / the one row
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        t_sin = timestep_sinusoid(t)  # (B, 256) of the formulation's net_time
+        t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256) of the formulation's net_time
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
-        for k, block in enumerate(self.blocks, start=1):
-            h = block(h, c)
-            name = str(k)
-            if name in taps:
-                feats[name] = h
-            if stop_after == name:
-                return None, feats
-            if name == self.selfcond_layer:
-                c = self.selfcond(h.mean(dim=1), t_sin, c)
-        h = self.final_layer(h, c)  # (B, N, p·p·C_out)
-        p, co = self.patch_size, self.out_channels
-        h = h.reshape(B, H // p, W // p, p, p, co).permute(0, 5, 1, 3, 2, 4).reshape(B, co, H, W)  # unpatchify
-        return h, feats
+        h, c, feats = self._run_blocks(h, c, t_sin, taps, stop_after)
+        if h is None:
+            return None, feats
+        return unpatchify(self.final_layer(h, c), self.patch_size, H, W), feats  # (B, C_out, H, W)
 
 
 def build_dit_orig(size: str = "B", **overrides) -> DiTOrig:
     """`DiTOrig` from a size preset (S, B, L, XL) with recipe overrides (None = the preset's value)."""
-    if size not in DIT_ORIG_PRESETS:
-        raise UsageError(f"unknown DiT/SiT size {size!r}; valid: {choices(DIT_ORIG_PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
-    valid = [p for p in inspect.signature(DiTOrig.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for dit_orig; valid: {choices(valid)}")
-    return DiTOrig(**{**DIT_ORIG_PRESETS[size], **overrides, "name": "dit_orig"})
+    return build_preset(DiTOrig, DIT_ORIG_PRESETS, size, overrides, what="DiT/SiT size", name="dit_orig")

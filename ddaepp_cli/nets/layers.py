@@ -1,4 +1,4 @@
-"""Building blocks of the DDAE UNets (architecture.md §1.1; official DDAE `model/block.py`, `model/unet.py`).
+"""Building blocks of the DDAE UNets (FutureXiang/ddae `model/block.py`, `model/unet.py`).
 
 Shapes use B, C, H, W (image) and D (embedding width). Every block is plain PyTorch with default
 initialisation (the DDAE UNet zero-inits nothing), works on channels_last inputs and under bf16 autocast
@@ -7,13 +7,11 @@ initialisation (the DDAE UNet zero-inits nothing), works on channels_last inputs
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPS = 32  # GroupNorm groups inside blocks; the UNet's final norm uses 8 (architecture.md §1.1)
+GROUPS = 32  # GroupNorm groups in blocks; the UNet's final norm uses 8 (FutureXiang/ddae `model/unet.py`)
 
 
 def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
@@ -25,21 +23,9 @@ def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
 # ------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """DDAE's sinusoid of a (B,) float time: [sin(t·f_k), cos(t·f_k)], f_k = exp(−k·ln(max_period)/(dim/2 − 1)).
-
-    The frequencies run endpoint-inclusive from 1 down to 1/max_period (DDAE `TimeEmbedding`); DiT's
-    embedder uses a different grid and order, so it keeps its own function. Always float32.
-    """
-    half = dim // 2
-    k = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(k * (-math.log(max_period) / (half - 1)))  # (D/2,)
-    args = t.float()[:, None] * freqs[None, :]  # (B, D/2)
-    return torch.cat((args.sin(), args.cos()), dim=1)  # (B, D)
-
-
 class TimeEmbedding(nn.Module):
-    """sinusoid (B, F) [+ bias-free Linear(aug)] → Linear(F→D) → SiLU → Linear(D→D) (architecture.md §1.1).
+    """sinusoid (B, F) [+ bias-free Linear(aug)] → Linear(F→D) → SiLU → Linear(D→D) (FutureXiang/ddae
+    `model/block.py` `TimeEmbedding`; the sinusoid is common.sinusoidal_embedding).
 
     No SiLU after the last Linear: every ResidualBlock applies its own. The augmentation projection has
     no bias, so `aug_label=None` and an all-zero label give the same bits — what makes the EDM
@@ -69,7 +55,8 @@ class TimeEmbedding(nn.Module):
 class ResidualBlock(nn.Module):
     """GN→SiLU→Conv3 (+ Linear(SiLU(emb)) added per channel) → GN→SiLU→Dropout→Conv3, plus shortcut.
 
-    The time injection is a plain add, not scale/shift (architecture.md §1.1 and quirk §12.12). No skip
+    The time injection is a plain add, not scale/shift (FutureXiang/ddae
+    `model/block.py` `ResidualBlock`, despite its "adaptive group norm" comment). No skip
     rescaling. `resample="up"|"down"` makes it the BigGAN-style up/down block of `ddpmpp`: nearest ×2 or
     2×2 average pooling applied to both paths right before conv1 (no conv in the resampler itself).
     """
@@ -115,7 +102,7 @@ class ResidualBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the H·W positions: GN32 → Linear(C→3C) → SDPA → Linear(C→C) → residual.
 
-    DDAE uses one head of width C (architecture.md §1.1). Its logits are (q/C^¼)·(k/C^¼), i.e. the usual
+    DDAE uses one head of width C (FutureXiang/ddae `model/block.py`). Its logits are (q/C^¼)·(k/C^¼), i.e. the usual
     1/√d_head scale, which is SDPA's default. The qkv layout per head is [q | k | v] like DDAE's.
     """
 

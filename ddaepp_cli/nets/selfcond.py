@@ -1,4 +1,4 @@
-"""Self-conditioning (DDAE++ §4.1, Fig. 1; design pinned by parameter counts in architecture.md §4.2).
+"""Self-conditioning (DDAE++ §4.1, Fig. 1; design pinned by parameter counts in docs/design.md §3).
 
     e' = e + s(t) ⊙ P(pool(h_ℓ))        used by every layer after ℓ
 
@@ -10,8 +10,8 @@ so DiT reuses it (C = D = 768, F = 256 → +1,378,560, the paper's +1.38M for Di
 
 Initialisation (open in the paper; our choice): P's weight AND bias are zero, s(t) keeps PyTorch's
 default init. Then P(pool) = +0.0 exactly, s(t) ⊙ 0 = ±0.0 and e + ±0.0 == e bit for bit (IEEE: x + 0 = x
-for every x ≠ 0, and ±0 stays a zero), so a self-conditioned net starts as its baseline, bit for bit
-(STYLE.md example 6). Why P and not s(t)'s last layer: the two factors gate each other's gradient —
+for every x ≠ 0, and ±0 stays a zero), so a self-conditioned net starts as its baseline, bit for bit.
+Why P and not s(t)'s last layer: the two factors gate each other's gradient —
 dL/dP ∝ s(t) and dL/ds ∝ P(pool). With P = 0 and s(t) ≠ 0, P learns from the first step and s(t) from
 the second (once P ≠ 0); zero-initialising both would freeze the module for good. Zero-initialising P is
 also the only choice that works for mode "addition", so both modes share one scheme.

@@ -1,4 +1,4 @@
-"""The one feature-tap API of every ddaepp backbone (STYLE.md example 5; cf. timm `forward_intermediates`).
+"""The one feature-tap API of every ddaepp backbone (cf. timm `forward_intermediates`).
 
 Every consumer of intermediate features — linear/segmentation probes, CKA, self-conditioning,
 contrastive self-distillation, SRA — goes through this contract; nothing registers hooks.

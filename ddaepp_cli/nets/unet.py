@@ -1,6 +1,6 @@
-"""The DDAE UNets `ddpm` and `ddpmpp` (official DDAE `model/unet.py`; architecture.md §1; DDAE++ Tab. 8).
+"""The DDAE UNets `ddpm` and `ddpmpp` (FutureXiang/ddae `model/unet.py`; DDAE++ Tab. 8).
 
-Topology (architecture.md §1.2): image_proj → encoder (per level: `n_blocks` ResAtt blocks, then a
+Topology (FutureXiang/ddae `model/unet.py` `forward_core`): image_proj → encoder (per level: `n_blocks` ResAtt blocks, then a
 down-sampler except at the last level; every output is pushed on the skip stack) → middle
 (Res → Attn → Res) → decoder (per level, reversed: `n_blocks + 1` ResAtt blocks each eating
 concat(x, skip.pop()), then an up-sampler except at level 0) → GN(8) → SiLU → Conv3×3.
@@ -11,16 +11,15 @@ Layer names (the tap API, `taps.py`), in execution order:
   exactly the skip that `out_{K+1-k}` concatenates.
 * `mid` — the middle block's output.
 * `out_1 … out_K` — the decoder ResAtt block outputs (after their attention, before any following
-  up-sampler): DDAE's hook names (architecture.md §1.5), 12 for `ddpm` and 15 for `ddpmpp`.
+  up-sampler): DDAE's hook names (FutureXiang/ddae `model/unet.py`), 12 for `ddpm` and 15 for `ddpmpp`.
 
-Self-conditioning (DDAE++ §4.1; architecture.md §4.3): with `selfcond_layer="out_ℓ"`, the output of
+Self-conditioning (DDAE++ §4.1; docs/design.md §3): with `selfcond_layer="out_ℓ"`, the output of
 `out_ℓ` is mean-pooled over H, W and `SelfCond` adds its projection to the time embedding used by every
 later decoder block (BigGAN up-blocks included); encoder, middle and blocks ≤ ℓ keep the original.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
@@ -35,13 +34,13 @@ from ddaepp_cli.nets.layers import (
     TimeEmbedding,
     Upsample,
     group_norm,
-    sinusoidal_embedding,
 )
+from ddaepp_cli.nets.common import batch_time, build_preset, check_unconditional, init_config, sinusoidal_embedding
 from ddaepp_cli.nets.selfcond import SelfCond
 from ddaepp_cli.nets.taps import TapModule
 
 # DDAE `config/*.yaml` and DDAE++ Tab. 8. Counted parameters (augment_dim 0): ddpm 35,746,307,
-# ddpmpp 56,524,291 (architecture.md §0.1). Recipes pick a preset and override little
+# ddpmpp 56,524,291 (docs/design.md §4). Recipes pick a preset and override little
 # (dropout 0.13 for EDM, augment_dim 9 with non-leaky augmentation).
 UNET_PRESETS: dict[str, dict] = {
     "ddpm": dict(
@@ -119,12 +118,7 @@ class UNet(TapModule):
         super().__init__()
         ch_mults, attn_resolutions = tuple(ch_mults), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
-        self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, image_size=image_size, channels=channels,
-            ch_mults=ch_mults, n_blocks=n_blocks, attn_resolutions=attn_resolutions, dropout=dropout,
-            resample=resample, augment_dim=augment_dim, selfcond_layer=selfcond_layer,
-            selfcond_mode=selfcond_mode,
-        )  # fmt: skip
+        self.config = init_config(UNet, locals())
         n_levels = len(ch_mults)
         resolutions = [image_size >> level for level in range(n_levels)]
         self._check_config(name, n_levels, image_size, channels, n_blocks, resolutions, attn_resolutions, resample)
@@ -189,7 +183,7 @@ class UNet(TapModule):
                 dec_taps.append(None)
         assert not skip_channels, "every skip must be consumed"
 
-        self.out_norm = group_norm(ch, groups=8)  # DDAE's final norm has 8 groups (architecture.md §12.12)
+        self.out_norm = group_norm(ch, groups=8)  # DDAE's final norm has 8 groups (FutureXiang/ddae `model/unet.py`)
         self.out_conv = nn.Conv2d(ch, out_channels, kernel_size=3, padding=1)
 
         self._enc_taps, self._dec_taps = tuple(enc_taps), tuple(dec_taps)
@@ -224,22 +218,10 @@ class UNet(TapModule):
                 f"{name}: attention resolution {bad[0]} is not a level resolution; valid: {choices(resolutions)}"
             )
 
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        aug_label: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if class_labels is not None:
-            raise UsageError(f"{self.backbone_name} is unconditional: class_labels must be None")
-        if aug_label is not None and self.augment_dim == 0:
-            raise UsageError(f"{self.backbone_name} got aug_label but was built with augment_dim=0")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, aug_label=None, class_labels=None):
+        """TapModule's `_forward` (taps.py); `aug_label` (B, augment_dim) or None, `class_labels` None."""
+        check_unconditional(self, class_labels, aug_label)
+        t = batch_time(t, x.shape[0])
         feats: dict[str, torch.Tensor] = {}
 
         t_sin = sinusoidal_embedding(t, self.sinusoid_dim)  # (B, F)
@@ -282,10 +264,4 @@ class UNet(TapModule):
 
 def build_unet(preset: str, **overrides) -> UNet:
     """`UNet` from a named preset with recipe overrides; an unknown option fails listing the valid ones."""
-    if preset not in UNET_PRESETS:
-        raise UsageError(f"unknown UNet preset {preset!r}; valid: {choices(UNET_PRESETS)}")
-    valid = [p for p in inspect.signature(UNet.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for {preset}; valid: {choices(valid)}")
-    return UNet(**{**UNET_PRESETS[preset], **overrides, "name": preset})
+    return build_preset(UNet, UNET_PRESETS, preset, overrides, what="UNet preset", name=preset)

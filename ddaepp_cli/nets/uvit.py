@@ -1,11 +1,11 @@
-"""UViT-S for CIFAR (official U-ViT `libs/uvit.py` + `configs/cifar10_uvit_small.py`; architecture.md §2),
+"""UViT-S for CIFAR (official U-ViT `libs/uvit.py` + `configs/cifar10_uvit_small.py`),
 with DDAE++'s [CLS] self-conditioning and augmentation token (DDAE++ §4.1–4.2, Fig. 2).
 
 Everything is a token (B, N, D): the raw sinusoid of the time (no MLP), the optional augmentation
 token, the optional [CLS] token and the 16×16 = 256 patch tokens of 2×2 patches. 13 pre-LN transformer
 blocks — 6 `in`, 1 `mid`, 6 `out` — where `out_k` first maps concat(x, skip) through Linear(2D→D), the
 skip being the output of in-block 7−k (LIFO, every token included). Head: LN → Linear(D → p·p·C) →
-drop the extra tokens → unpatchify → Conv3×3. UViT-S: 44,255,328 parameters (architecture.md §2.2).
+drop the extra tokens → unpatchify → Conv3×3. UViT-S: 44,255,328 parameters (docs/design.md §4).
 
 Sequence layout:   [CLS]? | time | aug? | patches…        (extras = tokens before the patches)
 
@@ -20,7 +20,7 @@ Sequence layout:   [CLS]? | time | aug? | patches…        (extras = tokens bef
   every other pair attends. `mask_cls_aug=False` keeps full attention (the ablation of §4.2).
 * Attention runs in float32 as in U-ViT (its `.float()` before SDPA) — stabler under bf16 autocast.
 
-Time input (architecture.md §2.5 left it open): the formulation hands every backbone its `net_time`
+Time input (open in DDAE++; docs/design.md §2): the formulation hands every backbone its `net_time`
 (DDPM: t/T ∈ (0, 1], as the DDAE UNets need). The MLP-free token cannot stretch that narrow range, so
 the UViT multiplies by `time_scale` before the sinusoid: 1000 makes the DDPM token the sinusoid of the
 integer step t ∈ {1..1000} (U-ViT itself feeds 999·t for t ∈ (0, 1]). DDAE++ trains UViT with DDPM only
@@ -35,31 +35,20 @@ Feature taps (taps.py): `in_1..in_6`, `mid`, `out_1..out_6` return the block's o
 
 from __future__ import annotations
 
-import inspect
-import math
-
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError, choices
+from ddaepp_cli.nets.common import (batch_time, build_preset, check_token_grid, check_unconditional, init_config,
+    patch_tokens, timestep_embedding, unpatchify)  # fmt: skip
 from ddaepp_cli.nets.taps import TapModule
 
 # U-ViT `configs/cifar10_uvit_small.py` (DDAE++ Tab. 8: patch 2, hidden 512, 13 layers, 8 heads, 44.3M).
 UVIT_PRESETS: dict[str, dict] = {
     "S": dict(patch_size=2, width=512, depth=12, heads=8, mlp_ratio=4.0, qkv_bias=False),
 }
-
-
-def uvit_time_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """U-ViT's `timestep_embedding`: [cos(t·f_k), sin(t·f_k)], f_k = exp(−ln(max_period)·k/(dim/2)), float32.
-
-    A different grid and order from the DDAE UNets' sinusoid (layers.sinusoidal_embedding).
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None, :]  # (B, D/2)
-    return torch.cat((args.cos(), args.sin()), dim=1)  # (B, D)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,11 +66,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).float().unbind(0)  # each (B, H, N, D/H), float32 as U-ViT
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k, v = qkv.float().unbind(0)  # each (B, H, N, D/H), float32 as U-ViT
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, D/H)
-        return self.proj(a.transpose(1, 2).reshape(B, N, D).to(x.dtype))  # (B, N, D)
+        return self.proj(rearrange(a, "b h n d -> b n (h d)").to(x.dtype))  # (B, N, D)
 
 
 class Block(nn.Module):
@@ -134,15 +122,8 @@ class UViT(TapModule):
         name: str = "uvit",
     ):
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-            heads=heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, time_scale=time_scale, augment_dim=augment_dim,
-            cls_token=cls_token, cls_tap=cls_tap, mask_cls_aug=mask_cls_aug,
-        )  # fmt: skip
-        if image_size % patch_size:
-            raise UsageError(f"{name}: image_size {image_size} is not divisible by patch_size {patch_size}")
-        if width % heads or (width // heads) % 2:
-            raise UsageError(f"{name}: width {width} must split into {heads} heads of even width")
+        self.config = init_config(UViT, locals())
+        check_token_grid(name, image_size, patch_size, width, heads, head_multiple=2)
         if depth < 0 or depth % 2:
             raise UsageError(f"{name}: depth {depth} must be even (in + out blocks; 12 for UViT-S)")
         self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
@@ -177,7 +158,7 @@ class UViT(TapModule):
         self.register_buffer("attn_mask", mask, persistent=False)
 
         # U-ViT init: trunc-normal(0.02) pos-embed and Linear weights, zero biases, LayerNorm (1, 0);
-        # convs keep PyTorch's default. [CLS]: trunc-normal(0.02) too (architecture.md §2.3).
+        # convs keep PyTorch's default. [CLS]: trunc-normal(0.02) too, like U-ViT's other tokens (`libs/uvit.py`).
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -209,8 +190,8 @@ class UViT(TapModule):
 
     def _tokens(self, x: torch.Tensor, t: torch.Tensor, aug_label: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
-        patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N_p, D)
-        time = uvit_time_embedding(t * self.time_scale, self.width).to(patches.dtype)[:, None]  # (B, 1, D)
+        patches = patch_tokens(self.patch_embed(x))  # (B, N_p, D)
+        time = timestep_embedding(t * self.time_scale, self.width).to(patches.dtype)[:, None]  # (B, 1, D)
         seq = [time]
         if self.aug_embed is not None:
             if aug_label is None:  # zero token == Linear(0) bit for bit: "no augmentation"
@@ -222,23 +203,11 @@ class UViT(TapModule):
             x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)  # (B, extras + N_p, D)
         return x
 
-    def _forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        *,
-        taps: frozenset[str],
-        stop_after: str | None,
-        aug_label: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        if class_labels is not None:
-            raise UsageError(f"{self.backbone_name} is unconditional: class_labels must be None")
-        if aug_label is not None and self.augment_dim == 0:
-            raise UsageError(f"{self.backbone_name} got aug_label but was built with augment_dim=0")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+    def _forward(self, x, t, *, taps: frozenset[str], stop_after: str | None, aug_label=None, class_labels=None):
+        """TapModule's `_forward` (taps.py); `aug_label` (B, augment_dim) or None, `class_labels` None."""
+        check_unconditional(self, class_labels, aug_label)
         B, C, H, W = x.shape
+        t = batch_time(t, B)
         feats: dict[str, torch.Tensor] = {}
         e, mask = self.extras, self.attn_mask
 
@@ -266,17 +235,9 @@ class UViT(TapModule):
                 return None, feats
 
         h = self.decoder_pred(self.norm(h))[:, e:]  # (B, N_p, p·p·C)
-        p, hp, wp = self.patch_size, H // self.patch_size, W // self.patch_size
-        h = h.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)  # unpatchify (p1 p2 C)
-        return self.final_layer(h), feats  # (B, C, H, W)
+        return self.final_layer(unpatchify(h, self.patch_size, H, W)), feats  # (B, C, H, W)  # (B, C, H, W)
 
 
 def build_uvit(preset: str = "S", **overrides) -> UViT:
     """`UViT` from a named preset with recipe overrides; an unknown option fails listing the valid ones."""
-    if preset not in UVIT_PRESETS:
-        raise UsageError(f"unknown UViT preset {preset!r}; valid: {choices(UVIT_PRESETS)}")
-    valid = [p for p in inspect.signature(UViT.__init__).parameters if p not in ("self", "name")]
-    for key in overrides:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for uvit; valid: {choices(valid)}")
-    return UViT(**{**UVIT_PRESETS[preset], **overrides, "name": "uvit"})
+    return build_preset(UViT, UVIT_PRESETS, preset, overrides, what="UViT preset", name="uvit")

@@ -58,7 +58,7 @@ class SelfCondConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """DDAE UNet (architecture.md §1). Defaults are the `ddpm` network (35,746,307 params)."""
+    """DDAE UNet (FutureXiang/ddae `model/unet.py`). Defaults are the `ddpm` network (35,746,307 params)."""
 
     backbone: Literal["ddpm", "ddpmpp"] = "ddpm"
     channels: int = 128
@@ -91,7 +91,7 @@ class UViTSelfCondConfig:
 
 @dataclass(frozen=True)
 class UViTConfig:
-    """UViT-S for CIFAR (official U-ViT; architecture.md §2): 44,255,328 params, 13 blocks."""
+    """UViT-S for CIFAR (baofff/U-ViT `configs/cifar10_uvit_small.py`): 44,255,328 params, 13 blocks."""
 
     backbone: Literal["uvit"] = "uvit"
     patch_size: int = 2
@@ -101,7 +101,7 @@ class UViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = False
     # The time token is the raw sinusoid of time_scale × the formulation's network time (no MLP);
-    # 1000 × DDPM's t/T = the integer step t (U-ViT itself feeds 999·t; architecture.md §2.5).
+    # 1000 × DDPM's t/T = the integer step t (U-ViT itself feeds 999·t; docs/design.md §2).
     time_scale: float = 1000.0
     augment_dim: int = 0  # 9 with the non-leaky augmentation pipe: adds the augmentation token
     cls_tap: str = "out_2"  # block whose output [CLS] the `cls` tap returns (Tab. 9 probes UViT-S at out_2)
@@ -111,7 +111,7 @@ class UViTConfig:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """LightningDiT for latents (architecture.md §3; DDAE++ Tab. 8). Sizes are presets (nets/dit.py):
+    """LightningDiT for latents (hustvl/LightningDiT `models/lightningdit.py`; DDAE++ Tab. 8). Sizes are presets (nets/dit.py):
     B 768×12 (12 heads), L 1024×24 (16), XL 1152×28 (16); options are LightningDiT's defaults."""
 
     backbone: Literal["dit"] = "dit"
@@ -165,14 +165,14 @@ DIT_CONFIGS = (DiTConfig, DiTOrigConfig)  # transformer backbones with block tap
 
 @dataclass(frozen=True)
 class DDPMConfig:
-    """DDPM (Ho et al.): T = 1000, linear β 1e-4…0.02, ε-prediction (architecture.md §5.1)."""
+    """DDPM (Ho et al.): T = 1000, linear β 1e-4…0.02, ε-prediction (FutureXiang/ddae `model/DDPM.py`)."""
 
     formulation: Literal["ddpm", "edm", "rf"] = "ddpm"
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     # DDAE's DDIM sampler uses its own 1001-point β table without the leading zero
-    # (architecture.md §5.1); true reproduces that quirk, false samples on the training schedule.
+    # (FutureXiang/ddae `model/DDPM.py` `schedules(..., 'DDIM')`); true reproduces that quirk, false samples on the training schedule.
     ddae_ddim_quirk: bool = False
     # Step subset of samplers with fewer than T steps: ddae 1 + ⌊kT/steps⌋ (DDAE); iddpm = improved-DDPM /
     # DiT `space_timesteps` (both ends kept), what DiT and DiT-SRA sample 250 steps with.
@@ -181,7 +181,7 @@ class DDPMConfig:
 
 @dataclass(frozen=True)
 class EDMConfig:
-    """EDM (Karras et al.): σ_data 0.5, ln σ ~ N(−1.2, 1.2²), EDM weighting (architecture.md §5.2)."""
+    """EDM (Karras et al.): σ_data 0.5, ln σ ~ N(−1.2, 1.2²), EDM weighting (NVlabs/edm `training/loss.py` `EDMLoss`)."""
 
     formulation: Literal["ddpm", "edm", "rf"] = "edm"
     sigma_data: float = 0.5
@@ -190,7 +190,7 @@ class EDMConfig:
     sigma_min: float = 0.002  # Heun schedule (EDM Eq. 5)
     sigma_max: float = 80.0
     rho: float = 7.0
-    # EDM2's learned uncertainty weighting λ(σ)/e^u(σ)·‖D − y‖² + u(σ) (architecture.md §5.3); DDAE++
+    # EDM2's learned uncertainty weighting λ(σ)/e^u(σ)·‖D − y‖² + u(σ) (NVlabs/edm2 `training/training_loop.py` `EDM2Loss`); DDAE++
     # App. B / Tab. 7 use it for EDM with augmentation ("to accelerate convergence"). +128 trainable
     # parameters outside the network, used only in training.
     uncertainty: bool = False
@@ -199,7 +199,7 @@ class EDMConfig:
 @dataclass(frozen=True)
 class RFConfig:
     """Rectified flow: x_t = (1−t)x0 + tε, velocity ε − x0 (DDAE++ App. A). Defaults: pixel RF as the
-    official code; latent RF (DDAE++ Tab. 7, LightningDiT, architecture.md §5.5) sets
+    official code; latent RF (DDAE++ Tab. 7, hustvl/LightningDiT `transport/`) sets
     `time_sampling: logit_normal, cosine_loss: true, t_max: 1.0, shift: 3.3`."""
 
     formulation: Literal["ddpm", "edm", "rf"] = "rf"
@@ -222,7 +222,7 @@ PROBE_TIMES = {"ddpm": "11", "edm": "idx:4", "rf": "0.06"}
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """EDM's non-leaky geometric augmentation (DDAE++ §4.2; edm `AugmentPipe`, architecture.md §6).
+    """EDM's non-leaky geometric augmentation (DDAE++ §4.2; NVlabs/edm `training/augment.py` `AugmentPipe`).
 
     Each transform is applied with probability multiplier × p; the 9-d label of what was done
     conditions the network (`model.augment_dim: 9`), and the zero label is what sampling and probing
@@ -275,7 +275,7 @@ class ContrastiveConfig:
 
 @dataclass(frozen=True)
 class SRAConfig:
-    """SRA self-representation alignment (SRA paper; architecture.md §8; losses/sra.py): the student's
+    """SRA self-representation alignment (SRA paper; vvvvvjdy/SRA `SiT-SRA/loss.py`; losses/sra.py): the student's
     block `student_layer` → head (D → 2D → D, SiLU) is pulled towards the EMA teacher's block
     `teacher_layer` at a lower noise t' = clamp(t − interval·u, 0, 1), u ~ U(0, 1) (dynamic interval),
     same noise and labels. L = L_diff + λ(epoch)·L_SRA."""
@@ -295,7 +295,7 @@ class SRAConfig:
 
 @dataclass(frozen=True)
 class EMAConfig:
-    """EMA of the weights. `warmup: inverse` reproduces ema-pytorch (DDAE, architecture.md §5.6):
+    """EMA of the weights. `warmup: inverse` reproduces lucidrains/ema-pytorch (used by DDAE's `train.py`):
     decay_k = min(decay, 1 − (1 + k/inv_gamma)^(−power)); `none` is a constant decay."""
 
     decay: float = 0.9999

@@ -1,6 +1,7 @@
 """Exponential moving average of the weights, updated with fused foreach ops.
 
-Two decay rules (architecture.md §5.6):
+Two decay rules (lucidrains/ema-pytorch `get_current_decay`, as DDAE's `train.py` uses it; constant decay as in
+LightningDiT, SRA and U-ViT):
 * constant decay (LightningDiT, SRA, U-ViT);
 * `inverse` warm-up as in ema-pytorch, which DDAE uses:
   decay_k = min(β, 1 − (1 + k/inv_gamma)^(−power)), k = updates so far − 1, and a plain copy at the
