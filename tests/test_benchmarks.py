@@ -21,6 +21,7 @@ def _run(args, tmp_path, timeout=240):
                           timeout=timeout, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_bench_quick_reports_every_group(tmp_path):
     out = tmp_path / "results"
     r = _run([BENCH / "bench.py", "--quick", "--out", out], tmp_path)
@@ -54,6 +55,7 @@ def test_bench_quick_reports_every_group(tmp_path):
     assert "bench-" in r.stderr and "targets met" in r.stdout
 
 
+@pytest.mark.slow
 def test_gpu_throughput_cpu_check_counts_flops(tmp_path):
     r = _run([BENCH / "gpu_throughput.py", "--cpu-check", "--models", "dit-B/1,ddpmpp", "--out", tmp_path], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -36,6 +36,7 @@ def test_paper_recipe_parameter_counts(name):
     assert (info["params"], info["aux_params"]) == COUNTS[name]
 
 
+@pytest.mark.slow
 def test_dry_run_cli_reports_dit_xl_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "ddaepp_cli", "train", str(RECIPES / "imagenet256_sra_ditxl.yaml"),

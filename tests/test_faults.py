@@ -32,6 +32,7 @@ def recipe(tmp_path_factory):
     return p
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes_exactly(recipe, tmp_path):
     ref = tmp_path / "ref"
     r = run_cli("train", recipe, "--run-dir", ref, "--max-steps", 8)
@@ -77,6 +78,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoint_gives_one_clear_line_and_keeps_old_checkpoints(recipe, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", recipe, "--run-dir", run, "--max-steps", 4)

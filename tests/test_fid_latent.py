@@ -102,6 +102,7 @@ def rel(a, b):
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+@pytest.mark.slow
 def test_latent_run_n64_with_and_without_cfg(lat):
     """Acceptance: `fid RUN --n 64` on a latent DiT run, with the recipe's CFG and with --cfg-scale 1; against
     an ADM reference batch the default metrics are ADM's (FID, sFID, IS, precision/recall)."""

@@ -506,6 +506,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_killed_cache_latents_resumes_without_reencoding(tiny, tmp_path, monkeypatch):
     """SIGKILL a real `cache-latents` process after its second shard; the re-run keeps both."""
     import signal

@@ -35,6 +35,7 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_nodes_equal_one_process(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY)
@@ -66,6 +67,7 @@ def test_shipped_accelerate_configs_parse(name, processes, machines):
     assert (c.distributed_type.value == "NO") == (processes == 1)
 
 
+@pytest.mark.slow
 def test_one_gpu_config_launches(tmp_path):
     """`accelerate launch --config_file configs/accelerate/1gpu.yaml` really runs ddaepp (with --cpu here)."""
     recipe = tmp_path / "tiny.yaml"

@@ -43,6 +43,7 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """One test (not three sharing a module fixture): under pytest-xdist a shared fixture would be
     rebuilt on each worker, doubling the cost of the torchrun launches."""
@@ -108,6 +109,7 @@ def save_random_checkpoint(run: Path, recipe_text: str) -> Path:
     return save_checkpoint(run, 2, recipe=rec, model=net, ema=net, state={})
 
 
+@pytest.mark.slow
 def test_probe_two_processes_match_one(tmp_path):
     """Features (cached, live train with flips/crops/noise, live eval; shares of unequal size and an empty
     one), a head bank trained on live features, and the `probe` library command (grid on a validation
@@ -144,6 +146,7 @@ def test_probe_two_processes_match_one(tmp_path):
     assert record["cells"] == q["cells"] and record["protocol"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_fid_two_processes_match_one(tmp_path):
     """`ddaepp fid RUN --seeds 0-2 --ref FOLDER`: generated images sharded by seed (strided), reference files
     by contiguous blocks (3 files: 1 + 2), both gathered — the same statistics, FID and saved samples as one
@@ -179,6 +182,7 @@ def test_fid_two_processes_match_one(tmp_path):
     assert len(list((tmp_path / "two" / "eval").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_fid_latent_run_two_processes_match_one(tmp_path):
     """`ddaepp fid` of a latent DiT run (CFG from the recipe, VAE decoding) against an ADM-layout reference: the
     FID, sFID and IS statistics of 2 processes equal 1 process's (issue 12)."""
@@ -207,6 +211,7 @@ def test_fid_latent_run_two_processes_match_one(tmp_path):
             np.testing.assert_allclose(y[key], x[key], rtol=1e-12, atol=1e-14, err_msg=key)
 
 
+@pytest.mark.slow
 def test_sample_and_fid_gather_to_rank_zero_only(tmp_path):
     """Issue 13.7: images (`sample`) and features (`fid`) travel to the writer, rank 0, not to every rank: rank 1
     receives no payload from the collectives (tests/mp_helpers/gather_to_main.py counts the bytes)."""
@@ -228,6 +233,7 @@ def test_sample_and_fid_gather_to_rank_zero_only(tmp_path):
         assert x["arr_0"].shape == (8, 16, 16, 3) and np.array_equal(x["arr_0"], y["arr_0"])
 
 
+@pytest.mark.slow
 def test_cache_latents_two_processes_match_one(tmp_path):
     """3 shards of 8 images on 2 ranks (shards 0, 2 and 1): every file of the cache byte for byte as one
     process writes it (shards, records, statistics, manifest), and a summary of the whole cache."""
@@ -268,6 +274,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow
 def test_two_process_training_killed_mid_run_resumes_exactly(tmp_path):
     """SIGKILL the whole torchrun job (launcher and workers — torchrun starts each worker in its own
     session) after the step-4 checkpoint; the same command again resumes and reproduces the losses of an

@@ -242,6 +242,7 @@ def test_unusable_run_dir_is_one_line(w, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rk45_samples_an_edm_run(w, tmp_path):
     r = invoke("sample", w / "runs" / "edm", "--n", 2, "--sampler", "rk45", "--out", tmp_path / "s", "--json")
     assert r.exit_code == 0, r.output

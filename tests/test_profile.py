@@ -23,6 +23,7 @@ def recipe(tmp_path):
     return p
 
 
+@pytest.mark.slow
 def test_reports_the_argmin(recipe, tmp_path):
     r = run_cli("profile-layers", recipe, "--candidates", "1-2", "--steps", "4", "--run-dir", tmp_path / "runs",
                 "--json")
@@ -46,11 +47,13 @@ def test_reports_the_argmin(recipe, tmp_path):
     (["--candidates", "1-7"], "unknown layer '3' for dit; valid: 1, 2"),
     (["--candidates", "3"], "unknown layer '3' for dit; valid: 1, 2"),
 ])
+@pytest.mark.slow
 def test_bad_candidates_exit_2(recipe, tmp_path, args, fragment):
     r = run_cli("profile-layers", recipe, *args, "--steps", "2", "--run-dir", tmp_path / "x")
     assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_backbone_without_selfcond_layer_exits_2(tmp_path):
     r = run_cli("profile-layers", "cifar10_ddpm_uvit", "--candidates", "1", "--steps", "2", "--run-dir", tmp_path / "x")
     assert r.returncode == 2 and "uses uvit" in r.stderr

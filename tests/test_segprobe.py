@@ -151,6 +151,7 @@ def test_feature_maps_meet_on_one_grid():
         S.to_grid(torch.randn(2, 1, 3), 16, "cls")
 
 
+@pytest.mark.slow
 def test_ade20k_end_to_end_cli(data):
     r = run_cli("segprobe", data / "run", "--dataset", "ade20k", "--data-root", data, "--epochs", "15",
                 "--batch-size", "4", "--image-size", "32", "--label-size", "32", "--json")

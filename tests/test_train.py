@@ -69,6 +69,7 @@ def test_info_summarises_the_run(reference_run):
         json.loads(r.stdout)  # the human form is a table, not JSON
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_losses(reference_run, tmp_path):
     recipe, ref_run, _ = reference_run
     run = tmp_path / "run"
@@ -92,6 +93,7 @@ def test_sigkill_then_rerun_gives_identical_losses(reference_run, tmp_path):
     assert losses(run) == losses(ref_run)  # bitwise: JSON floats round-trip exactly
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_writes_checkpoint_exits_130_and_resumes_exactly(reference_run, tmp_path, sig):
     recipe, ref_run, _ = reference_run
@@ -115,6 +117,7 @@ def test_signal_writes_checkpoint_exits_130_and_resumes_exactly(reference_run, t
     assert losses(run) == losses(ref_run)  # bitwise, as if never interrupted
 
 
+@pytest.mark.slow
 def test_rerun_with_another_recipe_is_refused(reference_run):
     recipe, run, _ = reference_run
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -124,6 +127,7 @@ def test_rerun_with_another_recipe_is_refused(reference_run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_foreign_nonempty_folder_is_refused(tiny_recipe, tmp_path):
     d = tmp_path / "stuff"
     d.mkdir()
@@ -133,6 +137,7 @@ def test_foreign_nonempty_folder_is_refused(tiny_recipe, tmp_path):
     assert [p.name for p in d.iterdir()] == ["thesis.tex"]
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error(reference_run, tmp_path):
     import shutil
 
@@ -150,6 +155,7 @@ def test_truncated_checkpoint_is_a_clear_error(reference_run, tmp_path):
     assert r.returncode == 2 and "state.pt" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_counted(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", tiny_recipe, "--run-dir", run, "--max-steps", 6, env={"DDAEPP_FAULT_NAN_STEPS": "2,3"})
@@ -165,6 +171,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_recipe, tmp_path):
     assert [p.name for p in (run2 / "checkpoints").iterdir()] == ["step-0000004"]
 
 
+@pytest.mark.slow
 def test_sample_is_independent_of_batch_size(reference_run, tmp_path):
     _, run, _ = reference_run
     a, b = tmp_path / "a", tmp_path / "b"
