@@ -353,3 +353,40 @@ def test_class_conditional_dit_is_probed_with_the_null_label():
     zero = net.forward_features(x_in, form.net_time(t_net), ["2"], class_labels=torch.zeros(2, dtype=torch.long))["2"].mean(1)
     torch.testing.assert_close(got, null)
     assert not torch.allclose(got, zero)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast checks of the pieces the end-to-end tests above run (they are in the fast tier)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_export_digits_writes_the_imagenet_layouts(tmp_path):
+    from PIL import Image
+
+    from ddaepp_cli.data.exportdigits import export_digits
+    from ddaepp_cli.errors import UsageError
+
+    out = export_digits(tmp_path / "d", image_size=8)
+    assert (out["train"], out["val"]) == (1442, 355)
+    train = sorted((tmp_path / "d" / "train").glob("*/*.png"))
+    assert len(train) == 1442 and {p.parent.name for p in train} == {str(d) for d in range(10)}
+    lines = (tmp_path / "d" / "val_labels.txt").read_text().splitlines()
+    assert len(lines) == 355
+    name, label = lines[0].split()
+    assert (tmp_path / "d" / "val" / label / name).is_file() and (tmp_path / "d" / "val_flat" / name).is_file()
+    assert Image.open(tmp_path / "d" / "val_flat" / name).size == (8, 8)
+    with pytest.raises(UsageError, match="not an empty folder"):
+        export_digits(tmp_path / "d", image_size=8)  # never writes into a used folder
+
+
+def test_segmentation_latents_are_cached_per_dataset_split_size_vae_and_root(tmp_path, monkeypatch):
+    from ddaepp_cli.eval.seglatent import cache_folder
+
+    monkeypatch.setenv("DDAEPP_CACHE", str(tmp_path / "cache"))
+    a = cache_folder("ade20k", "train", tmp_path / "ade", 256, "ab" * 32)
+    assert a.parent == tmp_path / "cache" / "seg-latents" and a.name.startswith("ade20k-train-256px-" + "ab" * 6)
+    others = {cache_folder("ade20k", "val", tmp_path / "ade", 256, "ab" * 32),
+              cache_folder("ade20k", "train", tmp_path / "other", 256, "ab" * 32),
+              cache_folder("ade20k", "train", tmp_path / "ade", 128, "ab" * 32),
+              cache_folder("ade20k", "train", tmp_path / "ade", 256, "cd" * 32)}
+    assert a not in others and len(others) == 4
