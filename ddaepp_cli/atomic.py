@@ -74,6 +74,42 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = 
         tmp.write_bytes(data)
 
 
+def write_text_new(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` at `path` unless the name is taken: an existing file is never replaced, the text goes to
+    `<stem>-2<suffix>`, `-3`, … instead. Two writers racing cannot take one name (a hard link fails when
+    the name exists). Returns where it went."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        fsync_file(tmp)
+        target, k = path, 1
+        while True:
+            try:
+                os.link(tmp, target)
+                break
+            except FileExistsError:
+                k += 1
+                target = path.with_name(f"{path.stem}-{k}{path.suffix}")
+            except OSError:  # no hard links on this file system: a rename to a free name
+                while target.exists():
+                    k += 1
+                    target = path.with_name(f"{path.stem}-{k}{path.suffix}")
+                os.replace(tmp, target)
+                break
+        fsync_dir(path.parent)
+        return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def old_name(final: Path) -> Path:
     return final.with_name(f".old-{final.name}-{os.getpid()}")
 

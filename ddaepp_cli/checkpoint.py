@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import fsync_file, recover_dirs, replace_dir
+from .atomic import file_mode, fsync_file, recover_dirs, replace_dir
 from .errors import UsageError
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 
@@ -68,13 +68,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def _file_mode() -> int:
-    """The mode a new file gets under the current umask (0644 under umask 022)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage and non-contiguous tensors: clone what needs it.
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -108,7 +101,7 @@ def save_checkpoint(
         save_file(_state_dict_for_save(ema), str(tmp / "ema.safetensors"), metadata={**meta, "kind": "ema"})
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-        mode = _file_mode()
+        mode = file_mode()
         for f in tmp.iterdir():
             os.chmod(f, mode)  # safetensors creates its files 0600; make them like every other file
             fsync_file(f)

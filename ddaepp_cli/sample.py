@@ -15,13 +15,13 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .build import build_backbone, build_formulation, dataset_geometry
 from .checkpoint import checkpoint_recipe, load_weights_into, resolve_checkpoint
 from .console import progress
@@ -188,9 +188,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:
+        Image.fromarray(arr).save(tmp)
 
 
 def write_outputs(images: torch.Tensor, seeds: Sequence[int], out_dir: Path, formats: Sequence[str],

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..atomic import write_bytes_atomic
 from ..errors import UsageError
 from .latentstore import (IMAGENET_TRAIN, MANIFEST, STATS, LatentDataset, latent_geometry,  # noqa: F401 (re-exported)
                           load_decoder, mmap_safetensors, read_manifest, resolve_vae_path, sha256_file, shard_file)
@@ -55,15 +56,6 @@ def _record_file(k: int) -> str:
     return f"shard-{k:05d}.json"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _canonical_safetensors(payload: bytes) -> bytes:
     """`payload` with its JSON header's keys sorted: safetensors writes the metadata map in hash order,
     which changes from process to process, so equal tensors would not give equal bytes (nor checksums)."""
@@ -75,7 +67,7 @@ def _canonical_safetensors(payload: bytes) -> bytes:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 class _FolderImages(torch.utils.data.Dataset):
@@ -289,7 +281,7 @@ def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]
             payload = _canonical_safetensors(st_save(
                 {"latents": z, "latents_flip": z_flip, "labels": torch.tensor(labels[lo:hi], dtype=torch.int64)},
                 metadata={"first": str(lo), "count": str(hi - lo), "fingerprint": fingerprint}))
-            _write_atomic(out / shard_file(k), payload)
+            write_bytes_atomic(out / shard_file(k), payload)
             rec = {"file": shard_file(k), "index": k, "first": lo, "count": hi - lo, "bytes": len(payload),
                    "sha256": hashlib.sha256(payload).hexdigest(), "fingerprint": fingerprint, "stats": _shard_stats(z)}
             _write_json(out / _record_file(k), rec)
@@ -304,7 +296,7 @@ def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]
                 rec = json.loads((out / _record_file(k)).read_text(encoding="utf-8"))
             records.append(rec)
         mean, std = combine_stats([r["stats"] for r in records])
-        _write_atomic(out / STATS, _canonical_safetensors(st_save(
+        write_bytes_atomic(out / STATS, _canonical_safetensors(st_save(
             {"mean": torch.from_numpy(mean).float(), "std": torch.from_numpy(std).float()},
             metadata={"over": "every unflipped latent, per channel (float64 accumulation)", "count": str(n)})))
         manifest = _manifest(settings, records, ident, complete=True)

@@ -14,13 +14,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_text_atomic, write_text_new
 from ..console import info
 
 
@@ -100,45 +100,14 @@ def new_record_path(ckpt: Path, command: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj: Any, *, exclusive: bool = False) -> Path:
-    """Write `obj` as JSON to a temporary file, fsync, then put it at `path` in one step. With
-    `exclusive`, an existing `path` is never replaced: the record goes to `<stem>-2.json`, … instead
-    (os.link fails when the name exists, so two writers cannot both take one name). Returns the path."""
+    """Write `obj` as JSON through the atomic helper (atomic.py). With `exclusive`, an existing `path` is
+    never replaced: the record goes to `<stem>-2.json`, … instead. Returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a record is as readable as other files
-        if not exclusive:
-            os.replace(tmp, path)
-            return path
-        target, k = path, 1
-        while True:
-            try:
-                os.link(tmp, target)
-                break
-            except FileExistsError:
-                k += 1
-                target = path.with_name(f"{path.stem}-{k}{path.suffix}")
-            except OSError:  # no hard links on this file system: a plain rename to a free name
-                while target.exists():
-                    k += 1
-                    target = path.with_name(f"{path.stem}-{k}{path.suffix}")
-                os.replace(tmp, target)
-                return target
-        Path(tmp).unlink()
-        return target
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    if exclusive:
+        return write_text_new(path, text)
+    write_text_atomic(path, text)
+    return path
 
 
 def save_record(path: Path, result: dict[str, Any]) -> Path | None:

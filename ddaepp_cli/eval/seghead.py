@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
 from ..console import progress
 from ..errors import DdaeppError, UsageError, choices
 from .segdata import IGNORE, SegmentationSet, voc_palette
@@ -239,7 +240,6 @@ def predictions_png(head: SegHead, val: FeatureSource, ds: SegmentationSet, path
     grid = np.concatenate(rows, axis=0)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:
+        Image.fromarray(grid).save(tmp)
     return path

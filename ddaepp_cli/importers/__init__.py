@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..atomic import replace_dir
 from ..errors import UsageError, choices
 from . import ddae, lightningdit, sit, uvit
 from .common import Mapped, Source, check_against, merge_drops, read_source, sha256
@@ -232,7 +233,7 @@ def _write_run(out: Path, recipe, raw_state: dict, ema_state: dict, record: dict
         (tmp / "import.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty (checked before): replaced by the finished folder
-        os.rename(tmp, out)
+        replace_dir(tmp, out)  # atomic.py: the run appears whole or not at all
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"could not write {out}: {e.strerror or e}") from None

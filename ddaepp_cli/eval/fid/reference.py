@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import inception
+from ...atomic import atomic_path
 from ...console import info
 from ...distributed import Dist
 from ...errors import UsageError, choices
@@ -83,13 +83,10 @@ def fid_cache_dir() -> Path:
 
 
 def _atomic_np_save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         info(f"warning: could not write the FID cache {path}: {e.strerror or e}")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...atomic import atomic_path
 from ...errors import UsageError
 from .constants import DIM, SPATIAL_DIM
 
@@ -109,15 +110,12 @@ def write_stats(path: str | os.PathLike, stats: Stats, meta: dict) -> str:
     if path.suffix != ".npz":
         raise UsageError(f"--save-stats {path}: give a .npz file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     extra = {"mu_s": stats.spatial.mu, "sigma_s": stats.spatial.sigma} if stats.spatial is not None else {}
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, mu=stats.mu, sigma=stats.sigma, **extra, n=np.int64(stats.n or 0),
                      meta=np.array(json.dumps(meta, default=str)))
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write statistics {path}: {e.strerror or e}") from None
     return str(path)
 
