@@ -265,3 +265,14 @@ def test_missing_weights_exit_3_with_instructions(fx, tmp_path):
         inception.find_weights(tmp_path / "nope.pth")
     code, lines, _ = cli(["fid", fx["A"], "--ref", fx["A_npz"], "--inception-weights", fx["A_npz"]])
     assert code == 2 and "not a plain PyTorch state dict" in lines[0]
+
+
+def test_the_fid_table_goes_to_stdout_and_notes_to_stderr(capsys):
+    """Results tables go to stdout like probe's, so `ddaepp fid RUN > fid.txt` keeps them."""
+    from ddaepp_cli.eval.fid.report import print_fid
+
+    print_fid({"metrics": {"fid": 12.5}, "n": 10, "input": {"path": "samples"}, "warnings": ["w1"],
+               "protocol": {"reference": "cifar10-train"}, "eval_record": "/x/eval/fid.json"})
+    got = capsys.readouterr()
+    assert "12.5" in got.out and "w1" not in got.out and "fid.json" not in got.out
+    assert "warning: w1" in got.err and "record: /x/eval/fid.json" in got.err

@@ -1,4 +1,5 @@
-"""Where `ddaepp fid` results go: the evaluation record next to the run, and the table on stderr."""
+"""Where `ddaepp fid` results go: the evaluation record next to the run, the table on stdout (as every
+results table), warnings and paths on stderr."""
 
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ def write_record(result: dict, ckpt: Path | None, source: ImageSource) -> str | 
 
 
 def print_fid(result: dict) -> None:
-    """Rich table (stderr): one row per metric — or per checkpoint, with the best marked — then
+    """Rich table (stdout): one row per metric — or per checkpoint, with the best marked — then
     warnings and where the records went."""
     from rich.table import Table
 
-    from ...console import err
+    from ...console import err, out
 
     if "checkpoints" in result:
         rows = result["checkpoints"]
@@ -52,7 +53,7 @@ def print_fid(result: dict) -> None:
             table.add_row(str(r["protocol"].get("step") if r["protocol"].get("step") is not None else Path(ck).name),
                           *[f"{r['metrics'][k]:.5g}" if k in r["metrics"] else "" for k in keys],
                           "best" if ck == best else "")
-        err.print(table)
+        out.print(table)
         warnings = list(dict.fromkeys(w for r in rows for w in r["warnings"]))
         records = [r["eval_record"] for r in rows if r.get("eval_record")]
     else:
@@ -61,7 +62,7 @@ def print_fid(result: dict) -> None:
                                                f" ({result['n']} images) vs {ref}")
         for k, v in result["metrics"].items():
             table.add_row(NAMES.get(k, k), f"{v:.6g}")
-        err.print(table)
+        out.print(table)
         warnings = result["warnings"]
         records = [result["eval_record"]] if result.get("eval_record") else []
         if result.get("stats_file"):
