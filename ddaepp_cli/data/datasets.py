@@ -83,32 +83,41 @@ class CifarSpec:
     official: dict[str, tuple[int, str]]
 
 
+# The official python-version files: name, size in bytes and MD5 (the MD5s torchvision's CIFAR10 / CIFAR100 check).
+CIFAR10_FILES = """
+data_batch_1 31035704 c99cafc152244af753f735de768cd75f
+data_batch_2 31035320 d4bba439e000b95fd0a9bffe97cbabec
+data_batch_3 31035999 54ebc095f3ab1f0389bbae665268c751
+data_batch_4 31035696 634d18415352ddfa80567beed471001a
+data_batch_5 31035623 482c414d41f54cd18b22e5b47cb7c3cb
+test_batch 31035526 40351d587109b95175f43aff81a1287e
+batches.meta 158 5ff9c542aee3614f3951f8cda6e48888
+"""
+CIFAR100_FILES = """
+train 155249918 16019d7e3df5f24257cddd939b257f8d
+test 31049707 f0ef6b0ae62326f3e7ffdfab6717acfc
+meta 1473 7973b15100ade9c7d40fb424638fde48
+"""
+
+
+def _official(table: str) -> dict[str, tuple[int, str]]:
+    return {name: (int(size), md5) for name, size, md5 in (line.split() for line in table.strip().splitlines())}
+
+
 CIFAR = {
     "cifar10": CifarSpec(
         title="CIFAR-10", folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
         splits={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
         meta="batches.meta", label_key="labels", names_key="label_names", num_classes=10,
         expected="data_batch_1..5, test_batch, batches.meta",
-        official={
-            "data_batch_1": (31035704, "c99cafc152244af753f735de768cd75f"),
-            "data_batch_2": (31035320, "d4bba439e000b95fd0a9bffe97cbabec"),
-            "data_batch_3": (31035999, "54ebc095f3ab1f0389bbae665268c751"),
-            "data_batch_4": (31035696, "634d18415352ddfa80567beed471001a"),
-            "data_batch_5": (31035623, "482c414d41f54cd18b22e5b47cb7c3cb"),
-            "test_batch": (31035526, "40351d587109b95175f43aff81a1287e"),
-            "batches.meta": (158, "5ff9c542aee3614f3951f8cda6e48888"),
-        },
+        official=_official(CIFAR10_FILES),
     ),
     "cifar100": CifarSpec(
         title="CIFAR-100", folder="cifar-100-python", archive="cifar-100-python.tar.gz",
         splits={"train": ("train",), "test": ("test",)},
         meta="meta", label_key="fine_labels", names_key="fine_label_names", num_classes=100,
         expected="train, test, meta",
-        official={
-            "train": (155249918, "16019d7e3df5f24257cddd939b257f8d"),
-            "test": (31049707, "f0ef6b0ae62326f3e7ffdfab6717acfc"),
-            "meta": (1473, "7973b15100ade9c7d40fb424638fde48"),
-        },
+        official=_official(CIFAR100_FILES),
     ),
 }
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -74,6 +74,30 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # ------------------------------------------------------------------------------------------------
 
 
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm → Linear to p·p·C_out per token, shared by both DiTs. `norm` is DiT's affine-free
+    LayerNorm or LightningDiT's RMSNorm. The two references register their modules in different orders
+    (DiT `models.py`: norm, linear, modulation; LightningDiT: norm, modulation, linear); `adaln_first` keeps
+    each one's order, so seeded initialisation and state-dict order match the reference's."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int, norm: nn.Module, *, adaln_first: bool):
+        super().__init__()
+        self.norm_final = norm
+
+        def adaln() -> None:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+        def linear() -> None:
+            self.linear = nn.Linear(dim, patch * patch * out_channels)
+
+        for make in ((adaln, linear) if adaln_first else (linear, adaln)):
+            make()
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C_out)
+
+
 def patch_tokens(x: torch.Tensor) -> torch.Tensor:
     """A patch-embedding conv's output (B, D, h, w) → tokens (B, h·w, D), row-major."""
     return rearrange(x, "b d h w -> b (h w) d")
@@ -109,8 +133,13 @@ def check_token_grid(name: str, image_size: int, patch_size: int, width: int, he
                          f"{head_multiple}")
 
 
-def build_preset(cls: type, presets: dict[str, dict], preset: str, overrides: dict, *, what: str, name: str):
-    """`cls(**presets[preset], **overrides, name=name)`; an unknown preset or option fails naming the valid ones."""
+def build_preset(cls: type, presets: dict[str, dict], preset: str, overrides: dict, *, what: str, name: str,
+                 none_is_preset: bool = False):
+    """`cls(**presets[preset], **overrides, name=name)`; an unknown preset or option fails naming the valid ones.
+    `none_is_preset`: an override of None keeps the preset's value (the DiT recipes leave sizes unset), except
+    `selfcond_layer`, where None means no self-conditioning."""
+    if none_is_preset:
+        overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
     if preset not in presets:
         raise UsageError(f"unknown {what} {preset!r}; valid: {choices(presets)}")
     valid = init_options(cls)
@@ -203,9 +232,10 @@ class AdaLNTrunk(TapModule):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}  # frozen anyway; listed so AdamW never sees it with decay
 
-    def _run_blocks(self, h, c, t_sin, taps: frozenset[str], stop_after: str | None, *block_args):
-        """The blocks on tokens h (B, N, D) with conditioning c (B, D) → (h, or None after `stop_after`;
-        c as self-conditioning left it, for the final layer; {tap: (B, N, D)})."""
+    def _blocks_and_head(self, h, c, t_sin, taps: frozenset[str], stop_after: str | None, size: tuple[int, int],
+                         *block_args):
+        """The blocks on tokens h (B, N, D) with conditioning c (B, D), then the final layer on c as
+        self-conditioning left it → (output (B, C_out, H, W), or None after `stop_after`; {tap: (B, N, D)})."""
         feats: dict[str, torch.Tensor] = {}
         for k, block in enumerate(self.blocks, start=1):
             h = block(h, c, *block_args)
@@ -213,7 +243,7 @@ class AdaLNTrunk(TapModule):
             if name in taps:
                 feats[name] = h
             if stop_after == name:
-                return None, c, feats
+                return None, feats
             if name == self.selfcond_layer:
                 c = self.selfcond(h.mean(dim=1), t_sin, c)  # (B, D) → used by blocks ℓ+1…N and the head
-        return h, c, feats
+        return unpatchify(self.final_layer(h, c), self.patch_size, *size), feats

@@ -35,9 +35,8 @@ from einops import rearrange
 from torch import nn
 
 from ddaepp_cli.errors import UsageError
-from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, check_token_grid,
-    class_labels_or_null, init_config, modulate, patch_tokens, sincos_pos_embed_2d, timestep_embedding,
-    unpatchify)  # fmt: skip
+from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, FinalLayer, batch_time, build_preset, check_token_grid,
+    class_labels_or_null, init_config, modulate, patch_tokens, sincos_pos_embed_2d, timestep_embedding)  # fmt: skip
 
 # LightningDiT_B_1 / XL_1; L/1 is not registered there: LightningDiT(depth=24, hidden 1024, 16 heads,
 # patch 1) as DDAE++ Tab. 8 (hustvl/LightningDiT `models/lightningdit.py`). Options = LightningDiT defaults
@@ -146,18 +145,6 @@ class Block(nn.Module):
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))  # (B, N, D)
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch: int, out_channels: int):
-        super().__init__()
-        self.norm_final = RMSNorm(dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, patch * patch * out_channels)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C)
-
-
 # ------------------------------------------------------------------------------------------------
 # DiT
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +176,7 @@ class DiT(AdaLNTrunk):
         pos = torch.from_numpy(sincos_pos_embed_2d(width, grid)).float()[None]  # (1, N, D)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen, counted (docs/design.md §4)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch_size, in_channels)
+        self.final_layer = FinalLayer(width, patch_size, in_channels, RMSNorm(width), adaln_first=True)
         if rope:
             cos, sin = rope_tables(width // heads, grid)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -207,13 +194,9 @@ class DiT(AdaLNTrunk):
         t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256), raw t as LightningDiT
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-        h, c, feats = self._run_blocks(h, c, t_sin, taps, stop_after, rope)
-        if h is None:
-            return None, feats
-        return unpatchify(self.final_layer(h, c), self.patch_size, H, W), feats  # (B, C, H, W)
+        return self._blocks_and_head(h, c, t_sin, taps, stop_after, (H, W), rope)  # (B, C, H, W), taps
 
 
 def build_dit(size: str = "B", **overrides) -> DiT:
     """`DiT` from a size preset (B, L, XL) with recipe overrides (None = the preset's value)."""
-    overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
-    return build_preset(DiT, DIT_PRESETS, size, overrides, what="DiT size", name="dit")
+    return build_preset(DiT, DIT_PRESETS, size, overrides, what="DiT size", name="dit", none_is_preset=True)

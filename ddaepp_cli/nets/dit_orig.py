@@ -38,8 +38,8 @@ from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from ddaepp_cli.errors import UsageError
-from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, batch_time, build_preset, class_labels_or_null,
-    init_config, modulate, sincos_pos_embed_2d, timestep_embedding, unpatchify)  # fmt: skip
+from ddaepp_cli.nets.common import (FREQ_DIM, AdaLNTrunk, FinalLayer, batch_time, build_preset, class_labels_or_null,
+    init_config, modulate, sincos_pos_embed_2d, timestep_embedding)  # fmt: skip
 
 # DiT:models.py `DiT_{S,B,L,XL}_{2,4,8}` (SiT:models.py uses the same table)
 DIT_ORIG_PRESETS: dict[str, dict] = {
@@ -67,18 +67,6 @@ class DiTBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each (B, D)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))  # (B, N, D)
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch * patch * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C_out)
 
 
 class DiTOrig(AdaLNTrunk):
@@ -110,7 +98,8 @@ class DiTOrig(AdaLNTrunk):
         pos = torch.from_numpy(sincos_pos_embed_2d(width, grid)).float()[None]  # (1, N, D), MAE/DiT layout
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # frozen; a parameter as in DiT (counted)
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(width, patch_size, self.out_channels,
+                                      nn.LayerNorm(width, elementwise_affine=False, eps=1e-6), adaln_first=False)
         self._init_adaln_weights(self.x_embedder.proj)  # DiT `initialize_weights`
         self._selfcond_and_taps(name, depth, width, selfcond_layer, selfcond_mode)
 
@@ -122,13 +111,10 @@ class DiTOrig(AdaLNTrunk):
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256) of the formulation's net_time
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
-        h, c, feats = self._run_blocks(h, c, t_sin, taps, stop_after)
-        if h is None:
-            return None, feats
-        return unpatchify(self.final_layer(h, c), self.patch_size, H, W), feats  # (B, C_out, H, W)
+        return self._blocks_and_head(h, c, t_sin, taps, stop_after, (H, W))  # (B, C_out, H, W), taps
 
 
 def build_dit_orig(size: str = "B", **overrides) -> DiTOrig:
     """`DiTOrig` from a size preset (S, B, L, XL) with recipe overrides (None = the preset's value)."""
-    overrides = {k: v for k, v in overrides.items() if v is not None or k == "selfcond_layer"}
-    return build_preset(DiTOrig, DIT_ORIG_PRESETS, size, overrides, what="DiT/SiT size", name="dit_orig")
+    return build_preset(DiTOrig, DIT_ORIG_PRESETS, size, overrides, what="DiT/SiT size", name="dit_orig",
+                        none_is_preset=True)
