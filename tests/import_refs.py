@@ -357,6 +357,25 @@ def sit_state_dict(*, width=64, depth=2, in_ch=4, grid=4, patch=2, num_classes=1
     return sd
 
 
+def _linear(sd: dict[str, torch.Tensor], h: torch.Tensor, name: str) -> torch.Tensor:
+    return F.linear(h, sd[name + ".weight"], sd[name + ".bias"])
+
+
+def _modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return h * (1 + scale[:, None]) + shift[:, None]
+
+
+def _dit_embed(sd: dict[str, torch.Tensor], x, t, y, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What DiT and LightningDiT share before their blocks: patch conv + pos_embed tokens, and the
+    conditioning c = MLP(256-d [cos, sin] sinusoid of t) + label row."""
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    a = t[:, None].float() * freqs[None]
+    temb = torch.cat([a.cos(), a.sin()], -1)
+    c = _linear(sd, F.silu(_linear(sd, temb, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    return h + sd["pos_embed"], c + sd["y_embedder.embedding_table.weight"][y]
+
+
 def dit_forward(sd: dict[str, torch.Tensor], x, t, y, *, heads: int, patch: int = 2) -> torch.Tensor:
     """DiT.forward (DiT models.py; SiT/REPA/SRA the same) computed from its state dict in plain torch:
     patch conv + pos_embed; c = MLP(256-d [cos, sin] sinusoid of t) + label row; adaLN-Zero blocks with
@@ -371,16 +390,9 @@ def dit_forward(sd: dict[str, torch.Tensor], x, t, y, *, heads: int, patch: int 
     def ln(h):
         return F.layer_norm(h, (width,), eps=1e-6)
 
-    def mod(h, shift, scale):
-        return h * (1 + scale[:, None]) + shift[:, None]
+    mod = _modulate
 
-    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
-    h = h + sd["pos_embed"]
-    half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    a = t[:, None].float() * freqs[None]
-    temb = torch.cat([a.cos(), a.sin()], -1)
-    cvec = lin(F.silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    h, cvec = _dit_embed(sd, x, t, y, patch)
     i = 0
     while f"blocks.{i}.attn.qkv.weight" in sd:
         p = f"blocks.{i}."
@@ -418,16 +430,9 @@ def lightningdit_forward(sd: dict[str, torch.Tensor], x, t, y, *, heads: int, pa
         q = q.reshape(*q.shape[:-1], -1, 2)
         return torch.stack((-q[..., 1], q[..., 0]), -1).flatten(-2)
 
-    def mod(h, shift, scale):
-        return h * (1 + scale[:, None]) + shift[:, None]
+    mod = _modulate
 
-    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
-    h = h + sd["pos_embed"]
-    half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    a = t[:, None].float() * freqs[None]
-    temb = torch.cat([a.cos(), a.sin()], -1)
-    cvec = lin(F.silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    h, cvec = _dit_embed(sd, x, t, y, patch)
     cos, sin = sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"]
     i = 0
     while f"blocks.{i}.norm1.weight" in sd:

@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddaepp_cli.build import build_backbone, build_formulation, build_objective
+from ddaepp_cli.build import build_formulation
 from ddaepp_cli.errors import UsageError
 from ddaepp_cli.nets import build_backbone as build_net
 from ddaepp_cli.recipe import load_recipe
 from ddaepp_cli.training.train import dry_run, train
+from test_sra import check_teacher_early_exit
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -143,25 +144,7 @@ TINY_SRA = ["data.dataset=digits", "data.image_size=8", "data.num_workers=0", "m
 
 @pytest.mark.parametrize("name", ["imagenet256_sra_ditb", "imagenet256_sra_sitb"])
 def test_sra_teacher_early_exit_on_the_original_network(name):
-    rec = load_recipe(RECIPES / f"{name}.yaml", TINY_SRA)
-    torch.manual_seed(0)
-    model = build_backbone(rec)
-    for blk in model.blocks:
-        torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.05)
-    f = build_formulation(rec)
-    obj = build_objective(rec, model, f)
-    x = torch.randn(4, 1, 8, 8)
-    d = obj.draw(4, x.shape[1:], generator=torch.Generator().manual_seed(1), device="cpu")
-    batch = obj.batch(x, d, torch.tensor([1, 2, 3, 4]))
-    target = obj.teacher_outputs(model, None, batch, d)["sra"]
-    t_teacher = obj.aux["sra"].teacher_time(f, batch.t, d.sra_u)
-    x_t = f.perturb(batch.x0, t_teacher, batch.noise).float()
-    _, full = model.forward_with_features(x_t, f.net_time(t_teacher), ["3"], class_labels=batch.class_labels)
-    assert torch.equal(target, full["3"])
-    calls = []
-    model.blocks[3].register_forward_hook(lambda *a: calls.append(1))
-    obj.teacher_outputs(model, None, batch, d)
-    assert calls == []
+    check_teacher_early_exit(load_recipe(RECIPES / f"{name}.yaml", TINY_SRA))
 
 
 @pytest.mark.parametrize("name", ["imagenet256_sra_ditb", "imagenet256_sra_sitb"])

@@ -29,27 +29,33 @@ def recipe(tmp_path):
     return p
 
 
-def test_teacher_early_exit_equals_the_full_forward_block(recipe):
-    rec = load_recipe(recipe)
+def check_teacher_early_exit(rec, teacher_layer: str = "3"):
+    """On a digits recipe: the SRA teacher's early-exit output equals the full forward's block output; nothing past the
+    block runs; returns (teacher time, student time) for further checks. Shared with test_dit_orig.py."""
     torch.manual_seed(0)
     model = build_backbone(rec)
     for blk in model.blocks:
         torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.05)
     f = build_formulation(rec)
     obj = build_objective(rec, model, f)
-    x = torch.randn(4, 1, 8, 8)
+    x = torch.randn(4, 1, 8, 8)  # digits recipes: one channel
     d = obj.draw(4, x.shape[1:], generator=torch.Generator().manual_seed(1), device="cpu")
     batch = obj.batch(x, d, torch.tensor([1, 2, 3, 4]))
     target = obj.teacher_outputs(model, None, batch, d)["sra"]
     t_teacher = obj.aux["sra"].teacher_time(f, batch.t, d.sra_u)
-    assert ((t_teacher <= batch.t) & (t_teacher >= batch.t - 0.2 - 1e-7) & (t_teacher >= 0)).all()
     x_t = f.perturb(batch.x0, t_teacher, batch.noise).float()
-    _, full = model.forward_with_features(x_t, f.net_time(t_teacher), ["3"], class_labels=batch.class_labels)
-    assert torch.equal(target, full["3"])
+    _, full = model.forward_with_features(x_t, f.net_time(t_teacher), [teacher_layer], class_labels=batch.class_labels)
+    assert torch.equal(target, full[teacher_layer])
     calls = []
-    model.blocks[3].register_forward_hook(lambda *a: calls.append(1))
-    obj.teacher_outputs(model, None, batch, d)["sra"]
-    assert calls == []  # block 4 and the final layer never run for the teacher
+    model.blocks[int(teacher_layer)].register_forward_hook(lambda *a: calls.append(1))
+    obj.teacher_outputs(model, None, batch, d)
+    assert calls == []  # the next block and the final layer never run for the teacher
+    return t_teacher, batch.t
+
+
+def test_teacher_early_exit_equals_the_full_forward_block(recipe):
+    t_teacher, t = check_teacher_early_exit(load_recipe(recipe))
+    assert ((t_teacher <= t) & (t_teacher >= t - 0.2 - 1e-7) & (t_teacher >= 0)).all()
 
 
 def test_weight_zero_gives_exactly_the_plain_step(recipe, tmp_path):

@@ -12,6 +12,11 @@ from ddaepp_cli.eval.features import Subset, load_eval_dataset, parse_times
 from ddaepp_cli.eval.probe import PROTOCOLS, CachedFeatures, LiveFeatures, RawLatentFeatures, probe, run_bank
 from ddaepp_cli.sample import load_model
 
+try:  # the sibling helper: run as a script (torchrun), this folder is on sys.path
+    from probe_features import save_on_main
+except ImportError:  # imported by the tests
+    from mp_helpers.probe_features import save_on_main
+
 
 def main(ckpt: str, out: str) -> None:
     torch.set_num_threads(1)
@@ -38,10 +43,7 @@ def main(ckpt: str, out: str) -> None:
                                  dist=dist)
     saved["bank"] = {"keys": keys, "acc": acc, "losses": losses}
     saved["probe"] = probe(ckpt, layers="1,3", epochs=2, batch_size=101, device="cpu")
-    if dist.main:
-        torch.save(saved, out)
-    else:
-        assert saved["probe"] == {}, "ranks other than 0 return an empty result"
+    save_on_main(dist, saved, out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ def main(ckpt: str, out: str) -> None:
     # the library command (cached features on digits, validation split, final probe); batch 101 is odd
     saved["probe"] = probe(ckpt, layers="out_1,out_3", timesteps="11,101", epochs=2, batch_size=101, hflip=False,
                            device="cpu")
+    save_on_main(dist, saved, out)
+
+
+def save_on_main(dist, saved: dict, out: str) -> None:
+    """Rank 0 saves what every rank computed; the others must have got an empty `probe` result."""
     if dist.main:
         torch.save(saved, out)
     else:
