@@ -21,7 +21,7 @@ from .base import (check_plot_for_checkpoints, command, dataset_option, device_o
 def probe(
     run_or_ckpt: str = run_argument(),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layer spec: out_6-9, out_6,out_9, DiT 7-9 (default: every out_k / every DiT block); all: every layer plus the layer-wise curve (PNG + JSON); latent: the flattened clean VAE latent baseline (latent runs)."),
-    timesteps: Optional[str] = typer.Option(None, "--timesteps", help="Comma list in paper convention: DDPM 1,11,21; EDM idx:3,idx:4 or 0.06; RF 0.02,0.06 (default: DDAE's grid; latent runs 0.25)."),
+    timesteps: Optional[str] = typer.Option(None, "--timesteps", help="Comma list in paper convention: DDPM 1,11,21; EDM idx:3,idx:4 or 0.06; RF 0.02,0.06 (default: DDAE's grid; latent runs RF 0.25, or the DDPM step / EDM σ of the same σ/α)."),
     dataset: Optional[str] = dataset_option(),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder (default: the recipe's, else $DDAEPP_DATA or ./data); latent runs: the training latent cache."),
     test_root: Optional[str] = typer.Option(None, "--test-root", help="Latent runs: the labelled validation latent cache (default: <training cache>_val)."),
@@ -59,7 +59,7 @@ def cka(
     run_or_ckpt: str = run_argument(),
     other: Optional[str] = typer.Argument(None, help="A second model: CKA of every layer of the first against every layer of this one."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layer spec (default: every layer)."),
-    timestep: Optional[str] = typer.Option(None, "--timestep", help="Paper-convention time (default: DDAE++ Tab. 9's: 11, idx:4, 0.06; latent runs 0.25)."),
+    timestep: Optional[str] = typer.Option(None, "--timestep", help="Paper-convention time (default: DDAE++ Tab. 9's: 11, idx:4, 0.06; latent runs RF 0.25, or the DDPM step / EDM σ of the same σ/α)."),
     n: int = typer.Option(2048, "--n", help="Number of images (the first N of the split)."),
     dataset: Optional[str] = dataset_option(),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder (latent runs: the training latent cache)."),

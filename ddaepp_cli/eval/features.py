@@ -36,24 +36,40 @@ DEFAULT_TIME = {"ddpm": "11", "edm": "idx:4", "rf": "0.06"}
 # FutureXiang/ddae `linear.py`). DDAE has no RF; ours brackets Tab. 9's 0.06 with noise-to-signal ratios
 # (0.02, 0.064, 0.11) close to DDPM's grid (0.01, 0.047, 0.067).
 DEFAULT_GRID = {"ddpm": ("1", "11", "21"), "edm": ("idx:3", "idx:4", "idx:5"), "rf": ("0.02", "0.06", "0.1")}
-# Latent (DiT) runs: DDAE++ Tab. 9, ImageNet — RF t = 0.25 for every DiT.
-LATENT_TIME = "0.25"
+# Latent (DiT) runs: DDAE++ Tab. 9, ImageNet — RF t = 0.25 for every DiT. A latent run trained under
+# another formulation (DDPM: DiT, DiT-SRA and their imports) probes at the time with the same
+# noise-to-signal ratio σ/α (`rf_time_in`), as `segprobe` does for its RF times.
+LATENT_TIME = 0.25
+
+
+def rf_time_in(formulation, t: float) -> str:
+    """The time of `formulation` (CLI syntax) with the noise-to-signal ratio σ/α of RF at `t`.
+
+    RF: x_t = (1 − t)·x0 + t·ε, so σ/α = t / (1 − t); EDM: x_t = x0 + σ·ε, σ itself; DDPM: the step
+    1…T whose √(1 − ᾱ)/√ᾱ is nearest in log space."""
+    if formulation.name == "rf":
+        return f"{t:g}"
+    ratio = t / (1 - t)
+    if formulation.name == "edm":
+        return f"{ratio:.4g}"
+    if formulation.name == "ddpm":
+        steps = torch.arange(1, formulation.T + 1)
+        r = (formulation.sigma(steps) / formulation.alpha(steps)).double()
+        return str(int(steps[torch.argmin((r.log() - math.log(ratio)).abs())]))
+    raise UsageError(f"no time of {formulation.name} matches RF t = {t:g}: give the time explicitly")
 
 
 def default_time(recipe, formulation) -> str:
-    """The paper's probe time of a run: Tab. 9's ImageNet 0.25 for latent runs, else DEFAULT_TIME."""
-    return LATENT_TIME if recipe.data.dataset == "latents" else DEFAULT_TIME[formulation.name]
+    """The paper's probe time of a run: Tab. 9's ImageNet RF 0.25 (converted) for latent runs, else DEFAULT_TIME."""
+    if recipe.data.dataset == "latents":
+        return rf_time_in(formulation, LATENT_TIME)
+    return DEFAULT_TIME[formulation.name]
 
 
 def default_grid(recipe, formulation) -> tuple[str, ...]:
-    return (LATENT_TIME,) if recipe.data.dataset == "latents" else DEFAULT_GRID[formulation.name]
-# DDAE++ Tab. 9 probe layers on CIFAR-10 / CIFAR-100, for the paper-size UNets (12 / 15 decoder blocks).
-PAPER_LAYER = {
-    ("ddpm", "ddpm"): ("out_6", "out_6"), ("ddpm", "edm"): ("out_7", "out_6"), ("ddpm", "rf"): ("out_7", "out_7"),
-    ("ddpmpp", "ddpm"): ("out_7", "out_8"), ("ddpmpp", "edm"): ("out_9", "out_8"), ("ddpmpp", "rf"): ("out_8", "out_8"),
-    ("uvit", "ddpm"): ("out_2", "out_2"),
-}
-PAPER_DEPTH = {"ddpm": 12, "ddpmpp": 15, "uvit": 6}
+    if recipe.data.dataset == "latents":
+        return (rf_time_in(formulation, LATENT_TIME),)
+    return DEFAULT_GRID[formulation.name]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -67,17 +67,9 @@ def default_layers(model) -> list[str]:
 
 def default_time(formulation, dataset: str) -> str:
     """The paper's RF time for the dataset, or the time of the same σ/α in another formulation."""
-    t = RF_TIME[dataset]
-    if formulation.name == "rf":
-        return f"{t:g}"
-    ratio = t / (1 - t)  # σ/α of RF at t: x_t = (1 − t)·x0 + t·ε
-    if formulation.name == "edm":  # x_t = x0 + σ·ε
-        return f"{ratio:.4g}"
-    if formulation.name == "ddpm":
-        steps = torch.arange(1, formulation.T + 1)
-        r = (formulation.sigma(steps) / formulation.alpha(steps)).double()
-        return str(int(steps[torch.argmin((r.log() - math.log(ratio)).abs())]))
-    raise UsageError(f"no default segprobe time for {formulation.name}: give --timestep")
+    from .features import rf_time_in
+
+    return rf_time_in(formulation, RF_TIME[dataset])
 
 
 # ------------------------------------------------------------------------------------------------
