@@ -72,6 +72,15 @@ def default_grid(recipe, formulation) -> tuple[str, ...]:
     return DEFAULT_GRID[formulation.name]
 
 
+# DDAE++ Tab. 9 probe layers on CIFAR-10 / CIFAR-100, for the paper-size UNets (12 / 15 decoder blocks).
+PAPER_LAYER = {
+    ("ddpm", "ddpm"): ("out_6", "out_6"), ("ddpm", "edm"): ("out_7", "out_6"), ("ddpm", "rf"): ("out_7", "out_7"),
+    ("ddpmpp", "ddpm"): ("out_7", "out_8"), ("ddpmpp", "edm"): ("out_9", "out_8"), ("ddpmpp", "rf"): ("out_8", "out_8"),
+    ("uvit", "ddpm"): ("out_2", "out_2"),
+}
+PAPER_DEPTH = {"ddpm": 12, "ddpmpp": 15, "uvit": 6}
+
+
 # ------------------------------------------------------------------------------------------------
 # Times and layers from the command line
 # ------------------------------------------------------------------------------------------------
