@@ -55,7 +55,7 @@ def load_training_data(recipe: Recipe):
     if d.dataset == "latents":
         from .data.latents import LatentDataset
 
-        return LatentDataset(d.root, image_size=d.image_size, scale=d.latent_scale)
+        return LatentDataset(d.root, image_size=d.image_size, scale=d.latent_scale, posterior=d.latent_posterior)
     size = d.image_size or (DIGITS_DEFAULT_SIZE if d.dataset == "digits" else None)
     return load_dataset(d.dataset, split="train", root=d.root, image_size=size, download=d.download)
 

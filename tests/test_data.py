@@ -396,7 +396,7 @@ def test_resume_reproduces_the_uninterrupted_run(digits):
     other = BatchStream(digits, global_batch=24, world_size=4, rank=1)
     other.load_state_dict(state)
     assert torch.equal(next(other)[0], reference[5][0][6:12]) and other.step == 6
-    with pytest.raises(UsageError, match="saved global_batch 24 differs from the current 48"):
+    with pytest.raises(UsageError, match="global batch 24 and train.global_batch is now 48"):
         BatchStream(digits, global_batch=48).load_state_dict(state)
 
 

@@ -60,6 +60,9 @@ def cache_latents(
                                           "or a text file of `<file> <class index or name>` lines (Caffe val.txt)."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Class list the --labels index: the training latent "
                                            "cache or the training class folder."),
+    moments: bool = typer.Option(False, "--moments", help="Store each posterior's mean and std (twice the disk) "
+                                 "instead of one sample, for recipes that draw a fresh latent every step "
+                                 "(data.latent_posterior: per_step; the SRA recipes)."),
     json_out: bool = json_option(),
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
@@ -72,12 +75,14 @@ def cache_latents(
         vae_kind = vae_kind or "vavae"
         vae = default_weights_path(vae_kind)
     result = run_cache(data, vae, out, image_size=image_size, batch_size=batch_size, shard_size=shard_size,
-                       vae_kind=vae_kind, num_workers=num_workers, labels_file=labels, classes_from=classes)
+                       vae_kind=vae_kind, num_workers=num_workers, labels_file=labels, classes_from=classes,
+                       moments=moments)
     if json_out:
         if int(os.environ.get("RANK", "0")) == 0:
             emit_json(result)
     elif int(os.environ.get("RANK", "0")) == 0:
-        print(f"cached {result['count']} images as {'×'.join(map(str, result['latent_shape']))} latents in "
+        kind = "the posterior mean and std of " if moments else ""
+        print(f"cached {result['count']} images as {kind}{'×'.join(map(str, result['latent_shape']))} latents in "
               f"{result['num_shards']} shard(s) ({result['encoded_shards']} encoded, {result['skipped_shards']} kept): "
               f"{result['out']}", file=sys.stderr)
 

@@ -5,6 +5,7 @@ Cache folder layout (`--out`):
 
     manifest.json                 counts, shards with sha256, VAE identity, latent shape, statistics
     shard-00000.safetensors       {"latents": (n, C, h, w) f32, "latents_flip": (n, C, h, w) f32, "labels": (n,) i64}
+                                  (`--moments`: "mean", "std", "mean_flip", "std_flip" instead of the two latents)
     latents_stats.safetensors     {"mean": (C,), "std": (C,)} per-channel over every unflipped latent
 
 Shard k holds images [k·S, (k+1)·S) of the folder's sorted order (S = `--shard-size`). Each shard is
@@ -19,6 +20,14 @@ Encoding (hustvl/LightningDiT `extract_features.py`): ADM centre crop to `--imag
 for the image and its mirror, one posterior *sample* each (mean + std·ε) with ε drawn from a generator
 seeded by the image's index (stream 0 unflipped, stream 1 mirrored; drawn on the CPU), so a re-run —
 at any batch size, on any device count — reproduces the same noise.
+
+`--moments` stores the posterior itself instead (vvvvvjdy/SRA and sihyun-yu/REPA `preprocessing/encoders.py`:
+`torch.cat([d.mean, d.std])`, float32, before any latent scaling; std = exp(½·logvar), logvar clamped to
+[−30, 20]): shard keys `mean`, `std`, `mean_flip`, `std_flip` (twice the disk of a sample cache), so
+training can draw a fresh sample every step (recipe key `data.latent_posterior: per_step`; SRA `train.py`
+`sample_posterior`: z = mean + std·randn, then ·0.18215). Statistics and everything that reads one
+latent per image use the sample with the same stream-0/1 noise, so both kinds of cache of one folder have
+equal statistics and read alike (latentstore.py).
 
 Labels (labelfiles.py): a class-folder layout (`train/<class>/…`, ImageNet's train split) gives the
 sorted folder names as classes; a flat folder (ImageNet's `val/`) takes its labels from `--labels FILE`
@@ -43,7 +52,8 @@ from torch import Tensor
 from ..atomic import write_bytes_atomic
 from ..errors import UsageError
 from .latentstore import (IMAGENET_TRAIN, MANIFEST, STATS, LatentDataset, latent_geometry,  # noqa: F401 (re-exported)
-                          load_decoder, mmap_safetensors, read_manifest, resolve_vae_path, sha256_file, shard_file)
+                          draw_stream, fixed_sample, load_decoder, mmap_safetensors, posterior_noise, read_manifest,
+                          resolve_vae_path, sha256_file, shard_file)
 
 # ------------------------------------------------------------------------------------------------
 # `ddaepp cache-latents`
@@ -124,18 +134,30 @@ def _shard_ok(out: Path, k: int, count: int, fingerprint: str) -> Optional[dict]
 
 
 def _settings(data: Path, files: list[str], labels: list[int], classes, image_size: int, shard_size: int,
-              vae_ident: dict, latent_shape: list[int]) -> dict:
+              vae_ident: dict, latent_shape: list[int], moments: bool = False) -> dict:
     listing = hashlib.sha256()
     for f, y in zip(files, labels):
         listing.update(f"{y}\t{os.path.relpath(f, data)}\n".encode("utf-8"))
     return {"version": CACHE_VERSION, "data": str(data.resolve()), "count": len(files),
             "files_sha256": listing.hexdigest(), "image_size": image_size, "shard_size": shard_size,
             "latent_shape": latent_shape, "vae_sha256": vae_ident["sha256"], "vae_config": vae_ident["config"],
-            "class_names": classes}
+            "class_names": classes, "posterior": "moments" if moments else "sample"}
 
 
 _SAME = ("version", "count", "files_sha256", "image_size", "shard_size", "latent_shape", "vae_sha256", "vae_config",
-         "class_names")
+         "class_names", "posterior")
+
+
+def _old_setting(old: dict, key: str):
+    """A setting of an existing manifest; caches from before `--moments` hold a posterior sample."""
+    return old.get(key, "sample") if key == "posterior" else old.get(key)
+
+
+def _fingerprint(settings: dict) -> str:
+    """What a finished shard must have been made with (its record); a sample cache's fingerprint is
+    the one it had before `--moments` existed, so an interrupted older cache still resumes."""
+    keys = [k for k in _SAME if k != "posterior" or settings[k] != "sample"]
+    return hashlib.sha256(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()).hexdigest()
 
 
 def _check_out_folder(out: Path, settings: dict) -> None:
@@ -146,7 +168,7 @@ def _check_out_folder(out: Path, settings: dict) -> None:
         raise UsageError(f"--out {out} exists and is not a folder")
     if (out / MANIFEST).is_file():
         old = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("settings", {})
-        diff = [k for k in _SAME if old.get(k) != settings[k]]
+        diff = [k for k in _SAME if _old_setting(old, k) != settings[k]]
         if diff:
             raise UsageError(f"--out {out} holds a latent cache made with other settings ({', '.join(diff)} differ); "
                              f"use another --out folder or delete it")
@@ -162,7 +184,11 @@ def _manifest(settings: dict, records: list[Optional[dict]], vae_ident: dict, co
             "latent_shape": settings["latent_shape"], "image_size": settings["image_size"],
             "num_classes": len(settings["class_names"]) if settings["class_names"] else None,
             "class_names": settings["class_names"], "vae": {k: v for k, v in vae_ident.items()},
-            "posterior": "sample (mean + std·eps), eps seeded by the image index; stream 0 image, 1 mirror",
+            "posterior": "moments (mean, std; float32, unscaled); the fixed sample mean + std·eps, eps seeded by "
+                         "the image index (stream 0 image, 1 mirror), for statistics and evaluation"
+                         if settings["posterior"] == "moments" else
+                         "sample (mean + std·eps), eps seeded by the image index; stream 0 image, 1 mirror",
+            "moments": settings["posterior"] == "moments",
             "stats": STATS if complete else None,
             "shards": [{"file": r["file"], "first": r["first"], "count": r["count"], "sha256": r["sha256"],
                         "bytes": r["bytes"]} for r in done] if complete else
@@ -200,7 +226,7 @@ def list_labelled_images(data: str | os.PathLike, labels_file: str | os.PathLike
 def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os.PathLike, *,
                   image_size: int = 256, batch_size: int = 32, shard_size: int = 10_000,
                   vae_kind: Optional[str] = None, num_workers: int = 4, labels_file: str | os.PathLike | None = None,
-                  classes_from: str | os.PathLike | None = None) -> dict:
+                  classes_from: str | os.PathLike | None = None, moments: bool = False) -> dict:
     """Encode an image folder into a latent cache (module doc); returns a summary."""
     for name, v in (("--image-size", image_size), ("--batch-size", batch_size), ("--shard-size", shard_size)):
         if v <= 0:
@@ -209,13 +235,16 @@ def cache_latents(data: str | os.PathLike, vae: str | os.PathLike, out: str | os
         raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
     files, labels, classes, source = list_labelled_images(data, labels_file, classes_from)
     return write_cache(files, labels, classes, Path(data), vae, out, image_size=image_size, batch_size=batch_size,
-                       shard_size=shard_size, vae_kind=vae_kind, num_workers=num_workers, labels_source=source)
+                       shard_size=shard_size, vae_kind=vae_kind, num_workers=num_workers, labels_source=source,
+                       moments=moments)
 
 
 def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]], data: Path,
                 vae: str | os.PathLike, out: str | os.PathLike, *, image_size: int, batch_size: int, shard_size: int,
-                vae_kind: Optional[str] = None, num_workers: int = 4, labels_source: Optional[dict] = None) -> dict:
-    """Encode `files` (labelled `labels`, below `data`) into the cache folder `out` (module doc)."""
+                vae_kind: Optional[str] = None, num_workers: int = 4, labels_source: Optional[dict] = None,
+                moments: bool = False) -> dict:
+    """Encode `files` (labelled `labels`, below `data`) into the cache folder `out` (module doc); `moments`:
+    store each posterior's mean and std rather than one sample."""
     from safetensors.torch import save as st_save
 
     from ..console import info, progress
@@ -233,8 +262,8 @@ def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]
         raise UsageError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {f}")
     ident = model.identity()
     latent_shape = [model.latent_channels, image_size // f, image_size // f]
-    settings = _settings(data, files, labels, classes, image_size, shard_size, ident, latent_shape)
-    fingerprint = hashlib.sha256(json.dumps({k: settings[k] for k in _SAME}, sort_keys=True).encode()).hexdigest()
+    settings = _settings(data, files, labels, classes, image_size, shard_size, ident, latent_shape, moments)
+    fingerprint = _fingerprint(settings)
     _check_out_folder(out, settings)
     dist.barrier()  # every rank checks the folder before rank 0 writes there (its temporary file is no cache)
     n = len(files)
@@ -263,24 +292,33 @@ def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]
             loader = torch.utils.data.DataLoader(
                 _CatchErrors(_FolderImages(files, list(range(lo, hi)), image_size)), batch_size=batch_size,
                 shuffle=False, num_workers=num_workers, collate_fn=_collate)
-            plain, mirror = [], []
+            kept = ("z", "mean", "std") if moments else ("z",)
+            plain: dict[str, list[Tensor]] = {key: [] for key in kept}
+            mirror: dict[str, list[Tensor]] = {key: [] for key in kept}
             for batch in loader:
                 if isinstance(batch, _Failure):
                     raise batch.error
                 images, idx = batch
                 x = images.to(device).float() / 127.5 - 1
-                mean, std = model.encode_moments(torch.cat((x, x.flip(-1))))
+                mean, std = model.encode_moments(torch.cat((x, x.flip(-1))))  # (2b, C, h, w): images, then mirrors
+                mean, std = mean.float().cpu(), std.float().cpu()
                 seeds = idx.tolist()
                 eps = torch.cat((per_sample_randn(seeds, latent_shape, stream=0),
-                                 per_sample_randn(seeds, latent_shape, stream=1))).to(device)
-                z = (mean.float() + std.float() * eps).cpu()
-                plain.append(z[:len(seeds)])
-                mirror.append(z[len(seeds):])
+                                 per_sample_randn(seeds, latent_shape, stream=1)))
+                # on the CPU: a moments cache gives this sample back bit for bit (latentstore.fixed_sample)
+                drawn = {"z": fixed_sample(mean, std, eps), "mean": mean, "std": std}
+                for key in kept:
+                    plain[key].append(drawn[key][:len(seeds)])
+                    mirror[key].append(drawn[key][len(seeds):])
                 bar.update(len(seeds))
-            z, z_flip = torch.cat(plain).contiguous(), torch.cat(mirror).contiguous()
+            z = torch.cat(plain["z"]).contiguous()
+            names = {"mean": "mean", "std": "std"} if moments else {"z": "latents"}
+            tensors = {"labels": torch.tensor(labels[lo:hi], dtype=torch.int64)}
+            for key, name in names.items():
+                tensors[name] = z if key == "z" else torch.cat(plain[key]).contiguous()
+                tensors[f"{name}_flip"] = torch.cat(mirror[key]).contiguous()
             payload = _canonical_safetensors(st_save(
-                {"latents": z, "latents_flip": z_flip, "labels": torch.tensor(labels[lo:hi], dtype=torch.int64)},
-                metadata={"first": str(lo), "count": str(hi - lo), "fingerprint": fingerprint}))
+                tensors, metadata={"first": str(lo), "count": str(hi - lo), "fingerprint": fingerprint}))
             write_bytes_atomic(out / shard_file(k), payload)
             rec = {"file": shard_file(k), "index": k, "first": lo, "count": hi - lo, "bytes": len(payload),
                    "sha256": hashlib.sha256(payload).hexdigest(), "fingerprint": fingerprint, "stats": _shard_stats(z)}
@@ -309,4 +347,4 @@ def write_cache(files: list[str], labels: list[int], classes: Optional[list[str]
     return {"out": str(out), "count": n, "num_shards": num_shards, "encoded_shards": encoded,
             "skipped_shards": skipped, "latent_shape": latent_shape, "image_size": image_size,
             "num_classes": len(classes) if classes else None, "vae": {k: ident[k] for k in ("kind", "file", "sha256")},
-            "stats": str(out / STATS), "world_size": world}
+            "stats": str(out / STATS), "world_size": world, "posterior": settings["posterior"]}

@@ -7,6 +7,14 @@ generator (train.py), so the choice is reproducible and resumable rather than an
 dataset. Normalisation: z ← (z − mean) / std (LightningDiT `latent_norm`, multiplier 1), with the
 statistics of the cache itself or, for a held-out cache, of the training cache the model saw
 (`stats_root`); or z ← z·scale with `data.latent_scale` (DiT/SiT/SRA: 0.18215 for SD-VAE).
+
+A `--moments` cache stores each posterior's mean and std. Read by index it gives the fixed sample
+mean + std·ε₀ (ε₀: the per-image streams 0/1 of `cache-latents`), bit for bit what a sample cache of the
+same folder holds, so evaluation reads both alike. With `posterior="per_step"` (recipe key
+`data.latent_posterior`) training reads `draw(i, seed, step)` instead: a fresh sample per training step
+(SRA/REPA `train.py` `sample_posterior`: mean + std·randn, then the 0.18215 scale), whose ε comes from
+image i's own generator keyed by (train seed, global step) — the same on any number of processes, at
+any batch split, and again after a resume (stream.py passes the step).
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnavailableError, UsageError
+from ..seeding import MAX_SEED, generator_seed, per_sample_randn
 
 MANIFEST = "manifest.json"
 STATS = "latents_stats.safetensors"
@@ -103,17 +112,46 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Posterior samples
+# ------------------------------------------------------------------------------------------------
+
+POSTERIORS = ("fixed", "per_step")
+
+
+def fixed_sample(mean: Tensor, std: Tensor, eps: Tensor) -> Tensor:
+    """One posterior sample z = mean + std·ε (SRA `sample_posterior` before its ·0.18215, which is the
+    dataset's normalisation here). Computed on the CPU both when caching and when reading back."""
+    return mean + std * eps
+
+
+def draw_stream(seed: int, step: int, view: int) -> int:
+    """The generator stream (seeding.py) of training step `step`'s posterior draw under train seed `seed`,
+    view 0 the image, 1 its mirror: a 64-bit mix of (seed, step), one 32-bit half per view, in
+    2 … 2³²−1 (streams 0 and 1 are the cache's fixed sample)."""
+    key = generator_seed(seed & MAX_SEED, step % MAX_SEED + 1)
+    return 2 + ((key >> (32 * view)) & MAX_SEED) % (MAX_SEED - 1)
+
+
+def posterior_noise(index: int, shape: tuple[int, ...], *, seed: int, step: int) -> Tensor:
+    """ε (2, C, h, w) of image `index` (its latent and its mirror's) at training step `step`: a function of
+    (index, seed, step) only."""
+    return torch.stack([per_sample_randn([index], shape, stream=draw_stream(seed, step, v))[0] for v in (0, 1)])
+
+
+# ------------------------------------------------------------------------------------------------
 # Dataset
 # ------------------------------------------------------------------------------------------------
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Memory-mapped cached latents: item i → ((2, C, h, w) normalised float32 pair, label)."""
+    """Memory-mapped cached latents: item i → ((2, C, h, w) normalised float32 pair, label). `posterior`:
+    `fixed` (the cache's one sample per image) or `per_step` (a `--moments` cache; `draw`)."""
 
     in_memory = False
 
     def __init__(self, root: str | os.PathLike | None, image_size: Optional[int] = None, *, split: str = "train",
-                 stats_root: str | os.PathLike | None = None, scale: Optional[float] = None):
+                 stats_root: str | os.PathLike | None = None, scale: Optional[float] = None,
+                 posterior: str = "fixed"):
         if root is None:
             raise UsageError("data.root is required for data.dataset=latents (the `cache-latents --out` folder)")
         self.root = Path(root)
@@ -122,6 +160,14 @@ class LatentDataset(torch.utils.data.Dataset):
             raise UnavailableError(f"latent cache {root} is incomplete ({m.get('done', 0)}/{m['num_shards']} shards); "
                                    f"re-run the same `ddaepp cache-latents` command to finish it")
         self.manifest = m
+        self.moments = bool(m.get("moments"))  # mean/std per image (`cache-latents --moments`), else one sample
+        if posterior not in POSTERIORS:
+            raise UsageError(f"data.latent_posterior must be one of {', '.join(POSTERIORS)}, got {posterior!r}")
+        if posterior == "per_step" and not self.moments:
+            raise UsageError(f"data.latent_posterior=per_step needs the posterior's mean and std, but the latent cache "
+                             f"{root} holds one fixed sample per image: re-create it with `ddaepp cache-latents "
+                             f"--moments`, or set data.latent_posterior=fixed")
+        self.posterior = posterior
         self.channels, self.image_size, _ = m["latent_shape"]
         if image_size not in (None, self.image_size):
             raise UsageError(f"data.image_size {image_size} does not match the cached latents' {self.image_size}")
@@ -151,7 +197,13 @@ class LatentDataset(torch.utils.data.Dataset):
         return {"name": self.name, "split": self.split, "root": str(self.root), "size": len(self),
                 "image_size": self.image_size, "channels": self.channels, "num_classes": self.num_classes,
                 "stats_root": str(self.stats_root), "source_image_size": self.manifest.get("image_size"),
-                "labels": self.manifest.get("labels_source")}
+                "labels": self.manifest.get("labels_source"), "stored": "moments" if self.moments else "sample",
+                "posterior": self.posterior}
+
+    @property
+    def draws_per_step(self) -> bool:
+        """Training reads `draw(i, seed, step)` rather than item i (stream.py)."""
+        return self.posterior == "per_step"
 
     @property
     def file_labels(self) -> np.ndarray:
@@ -174,13 +226,34 @@ class LatentDataset(torch.utils.data.Dataset):
             self._maps[k] = mmap_safetensors(self.root / self.manifest["shards"][k]["file"])
         return self._maps[k]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def _read(self, i: int, eps: Optional[Tensor]) -> tuple[Tensor, int]:
+        """Image i's normalised pair: the stored sample, or for a moments cache mean + std·eps
+        (eps None: the fixed sample's noise, streams 0/1 seeded by i as `cache-latents` draws it)."""
         if not 0 <= i < self.count:
             raise IndexError(i)
         s = self._shard(i // self.shard_size)
         j = i % self.shard_size
-        pair = torch.from_numpy(np.stack((s["latents"][j], s["latents_flip"][j])).astype(np.float32))  # (2, C, h, w)
-        return (pair - self.mean) / self.std, int(s["labels"][j])
+
+        def pair(key: str) -> Tensor:  # (2, C, h, w): the image's, then its mirror's
+            return torch.from_numpy(np.stack((s[key][j], s[f"{key}_flip"][j])).astype(np.float32))
+
+        if not self.moments:
+            z = pair("latents")
+        else:
+            if eps is None:
+                shape = tuple(self.manifest["latent_shape"])
+                eps = torch.cat((per_sample_randn([i], shape, stream=0), per_sample_randn([i], shape, stream=1)))
+            z = fixed_sample(pair("mean"), pair("std"), eps)
+        return (z - self.mean) / self.std, int(s["labels"][j])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self._read(i, None)
+
+    def draw(self, i: int, seed: int, step: int) -> tuple[Tensor, int]:
+        """Training step `step`'s view of image i: a fresh posterior sample (per_step), else item i."""
+        if not self.draws_per_step:
+            return self._read(i, None)
+        return self._read(i, posterior_noise(i, tuple(self.manifest["latent_shape"]), seed=seed, step=step))
 
     def denormalise(self, z: Tensor) -> Tensor:
         """Model-space latents (B, C, h, w) → VAE latents (LightningDiT: z·std + mean)."""

@@ -45,16 +45,47 @@ def _collate(samples: list) -> Union[tuple[Tensor, Tensor], _Failure]:
 
 
 class _StepBatches:
-    """batch_sampler for DataLoader: this rank's indices for steps start, start+1, … (forever)."""
+    """batch_sampler for DataLoader: this rank's indices for steps start, start+1, … (forever); with
+    `keyed`, (index, step) pairs for a dataset that draws per step (`_PerStepDraws`)."""
 
-    def __init__(self, indices: Callable[[int], Tensor], start: int):
-        self.indices, self.start = indices, start
+    def __init__(self, indices: Callable[[int], Tensor], start: int, keyed: bool = False):
+        self.indices, self.start, self.keyed = indices, start, keyed
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         step = self.start
         while True:
-            yield self.indices(step).tolist()
+            idx = self.indices(step).tolist()
+            yield [(i, step) for i in idx] if self.keyed else idx
             step += 1
+
+
+class _PerStepDraws(Dataset):
+    """(index, global step) → the dataset's draw of that image for that step (LatentDataset.draw: a fresh
+    posterior sample from the image's own generator keyed by (seed, step)), in the DataLoader workers."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, step = item
+        return self.dataset.draw(i, self.seed, step)
+
+
+def check_resumable(state: dict, *, num_samples: int, global_batch: int) -> None:
+    """A saved stream position can continue only on the same data-set size and global batch: they define
+    which images each step takes (the order rule of `BatchStream`) and how long an epoch is. The world
+    size may change."""
+    saved_n, saved_g = state.get("num_samples"), state.get("global_batch")
+    if saved_n is not None and saved_n != num_samples:
+        raise UsageError(f"cannot resume: the checkpoint was trained on a data set of {saved_n} images and the data "
+                         f"now holds {num_samples}; the data order depends on it (use the same data, or a new --run-dir)")
+    if saved_g is not None and saved_g != global_batch:
+        raise UsageError(f"cannot resume: the checkpoint was trained with global batch {saved_g} and "
+                         f"train.global_batch is now {global_batch}; the data order and epoch length depend on it "
+                         f"(keep {saved_g}, or use a new --run-dir)")
 
 
 class BatchStream:
@@ -70,7 +101,10 @@ class BatchStream:
     change of world size. Gradient accumulation splits the rank's share; that is the caller's job.
 
     In-memory datasets are indexed as tensors (optionally kept on `device` so each step is one
-    `index_select` there); other datasets go through a DataLoader driven by the same rule.
+    `index_select` there); other datasets go through a DataLoader driven by the same rule. A dataset
+    with `draws_per_step` (a latent cache of posterior moments, `data.latent_posterior: per_step`) is
+    read as `dataset.draw(i, seed, step)`: image i's sample for global step `step`, from its own
+    generator, so it too is independent of the world size and resumes exactly.
     With `drop_last=False` the last, partial batch of each epoch is kept (ranks' shares may
     then differ by one sample).
     """
@@ -140,7 +174,9 @@ class BatchStream:
                 images, labels = images.pin_memory(), labels.pin_memory()
         else:
             if self._loader_iter is None:
-                loader = DataLoader(_CatchErrors(self.dataset), batch_sampler=_StepBatches(self.indices, self.step),
+                keyed = bool(getattr(self.dataset, "draws_per_step", False))
+                source = _PerStepDraws(self.dataset, self.seed) if keyed else self.dataset
+                loader = DataLoader(_CatchErrors(source), batch_sampler=_StepBatches(self.indices, self.step, keyed),
                                     num_workers=self.num_workers, collate_fn=_collate, pin_memory=self.pin_memory,
                                     persistent_workers=self.num_workers > 0)
                 self._loader_iter = iter(loader)
@@ -169,9 +205,6 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position. The world size may differ (the global order does not
         depend on it); the global batch and dataset size may not (they define the order)."""
-        for key in ("global_batch", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
-                raise UsageError(f"cannot resume the data stream: saved {key} {state[key]} differs from the "
-                                 f"current {getattr(self, key)}")
+        check_resumable(state, num_samples=self.num_samples, global_batch=self.global_batch)
         self.close()
         self.seed, self.step = int(state["seed"]), int(state["step"])

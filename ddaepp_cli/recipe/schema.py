@@ -40,6 +40,10 @@ class DataConfig:
     # latents only: None = normalise each channel by the cache's mean/std (LightningDiT); a number = multiply
     # by it with no shift (DiT/SiT/SRA scale SD-VAE latents by 0.18215: `latents_scale`, bias 0).
     latent_scale: Optional[float] = None
+    # latents only: `fixed` trains on the cache's one posterior sample per image (LightningDiT, DDAE++);
+    # `per_step` draws a fresh sample mean + std·ε at every step from a `cache-latents --moments` cache
+    # (SRA/REPA `sample_posterior`), ε from each image's own generator keyed by (train.seed, step).
+    latent_posterior: Literal["fixed", "per_step"] = "fixed"
     # latents only: the VAE weights file used to decode samples (`ddaepp sample`). None: the file recorded
     # in the cache's manifest if it still exists, else $DDAEPP_CACHE/weights/<its file name> (latents.py).
     vae: Optional[str] = None

@@ -155,6 +155,7 @@ class TrainState:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.shared = torch.Generator(device=device).manual_seed(t.seed)  # per-sample draws, same on every rank
         self.step, self.nonfinite_total = 0, 0
+        self.data_state: dict | None = None  # the data stream's saved position (BatchStream.state_dict), on resume
         seed_rank_rngs(t.seed + rank)  # 4. dropout differs per rank
 
     # ------------------------------------------------------------------ precision
@@ -209,6 +210,7 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.data_state = state.get("data")  # train.py checks it against the data and restores the stream
         rngs = state["rng"]
         if len(rngs) != self.world:
             return (f"note: resuming {len(rngs)}-process state with {self.world} processes; "

@@ -27,6 +27,7 @@ from ..atomic import write_text_atomic
 from ..build import build_backbone, build_formulation, build_objective, count_params, dataset_geometry, load_training_data
 from ..checkpoint import checkpoint_recipe, latest_checkpoint, recover_checkpoints, save_checkpoint
 from ..console import info, progress
+from ..data.stream import check_resumable
 from ..errors import Interrupted, NonFiniteError, UsageError
 from ..recipe import Recipe, diff_recipes, recipe_to_dict, recipe_to_yaml
 from .metrics import MetricsLog, truncate_metrics
@@ -223,6 +224,8 @@ def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe
     ts = TrainState(recipe, device=device, accelerator=accelerator, rank=rank, world=world, compile_kw=compile_kw)
     if resume_from is not None:
         note = ts.load(resume_from)
+        if ts.data_state is not None:  # before anything is written: same data-set size and global batch
+            check_resumable(ts.data_state, num_samples=len(dataset), global_batch=recipe.train.global_batch)
         if note:
             info(note)
         info(f"resuming {run_dir} from step {ts.step} ({resume_from.name})")
@@ -254,6 +257,8 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                          start_step=ts.step, num_workers=recipe.data.num_workers if not dataset.in_memory else 0,
                          pin_memory=device.type == "cuda" and not dataset.in_memory,
                          device=device if dataset.in_memory else None)
+    if ts.data_state is not None:
+        stream.load_state_dict(ts.data_state)
     log = MetricsLog(run_dir / "metrics.jsonl", device=device, global_batch=t.global_batch,
                      reduce_mean=ts.reduce_mean, main=main)
     grid = GridSampler(ts, (dataset.channels, dataset.image_size, dataset.image_size), run_dir)
