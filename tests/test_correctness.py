@@ -249,7 +249,8 @@ def test_training_grids_load_the_vae_once(tmp_path, monkeypatch):
     write_tiny_vae(vae)
     images = make_image_folder(tmp_path / "images", per_class=2)
     cache = tmp_path / "latents"
-    latents.cache_latents(images, vae, cache, image_size=32, batch_size=4, shard_size=8, num_workers=0)
+    latents.cache_latents(images, vae, cache, image_size=32, batch_size=4, shard_size=8, num_workers=0,
+                          moments=True)  # the SRA recipes draw a new latent per step
     calls = []
     real = latents.load_decoder
     monkeypatch.setattr(latents, "load_decoder", lambda *a, **k: calls.append(1) or real(*a, **k))

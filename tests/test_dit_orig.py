@@ -170,7 +170,8 @@ def latent_cache(tmp_path_factory):
     vae = base / "tiny-sdvae.safetensors"
     write_tiny_vae(vae, z=4)  # 4 latent channels as SD-VAE; 32×32 images → 4×8×8 latents
     images = make_image_folder(base / "images")
-    L.cache_latents(images, vae, base / "cache", image_size=32, batch_size=4, shard_size=8, num_workers=0)
+    # posterior moments: the SRA recipes draw a new latent per step (data.latent_posterior: per_step)
+    L.cache_latents(images, vae, base / "cache", image_size=32, batch_size=4, shard_size=8, num_workers=0, moments=True)
     return base / "cache"
 
 

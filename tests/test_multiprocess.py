@@ -368,8 +368,9 @@ def test_sra_and_contrastive_two_processes_match_one(tmp_path, monkeypatch):
     vae = tmp_path / "vae.safetensors"
     write_tiny_vae(vae)
     cache = tmp_path / "latents"
+    # posterior moments, as the SRA recipes train: a new latent per step (data.latent_posterior: per_step)
     latents.cache_latents(make_image_folder(tmp_path / "images", per_class=4), vae, cache, image_size=32,
-                          batch_size=4, shard_size=8, num_workers=0)
+                          batch_size=4, shard_size=8, num_workers=0, moments=True)
     steps = 3
     sra = _write_recipe(tmp_path / "sra.yaml", ROOT / "recipes" / "imagenet256_sra_ditb.yaml", [
         f"data.root={cache}", "data.latent_channels=8", "data.num_workers=0", "model.width=32", "model.depth=8",
