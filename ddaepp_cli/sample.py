@@ -2,8 +2,11 @@
 
 Image i is a function of its seed alone: its initial noise (and any per-step noise) comes from
 a generator seeded by that seed, so the output does not depend on the batch size or on how the
-seeds are split across processes. Class-conditional models draw image i as class `seed % num_classes`
-(balanced over consecutive seeds, independent of batching) unless `--class-label` fixes one class;
+seeds are split across processes. Class-conditional models draw image i's class from seed i too:
+uniformly at random by default (`torch.randint` from the seed's own generator, `seeding.LABEL_STREAM`),
+as DiT and SiT `sample_ddp.py` and REPA and SRA `generate.py` draw their FID labels
+(`y = torch.randint(0, args.num_classes, (n,))`), or `seed % num_classes` with `--labels balanced`
+(`sample.labels`; exactly balanced over seeds 0..N-1); `--class-label` fixes one class.
 `--cfg-scale` / `--cfg-interval` guide them (diffusion/cfg.py). Latent models decode through the VAE
 recorded in their latent cache (latents.py). Outputs: one PNG per seed (`000042.png`), an `.npz` with
 `arr_0` uint8 N×H×W×C (the ADM evaluator format) and a grid PNG.
@@ -30,6 +33,9 @@ from .outdir import check_output_folder, replace_folder
 from .recipe import Recipe
 
 FORMATS = ("png", "npz", "grid")
+LABELS = ("random", "balanced")  # how class labels follow from seeds (module doc); recipe key sample.labels
+LATENT_CLIP = ("--clip clips x̂0 to [-1, 1], a pixel range; this run's latents have unit variance "
+               "(latent runs sample unclipped)")
 
 
 def weights_of(run_or_ckpt: str | os.PathLike, weights: str) -> str:
@@ -62,17 +68,50 @@ def load_for_eval(run_or_ckpt: str | os.PathLike, weights: str, device: torch.de
     return recipe, model, ckpt, weights_of(run_or_ckpt, weights), build_formulation(recipe)
 
 
-def class_labels_for(seeds: Sequence[int], num_classes: int, class_label: int | None = None) -> list[int] | None:
-    """Per-seed class labels of a class-conditional model (module doc); None for an unconditional one."""
+def check_clip(clip: bool | None, recipe: Recipe) -> None:
+    """`--clip` is refused on a latent run (`sample` and `fid` alike): x̂0 clipping is a pixel-range operation."""
+    if clip and recipe.data.dataset == "latents":
+        raise UsageError(LATENT_CLIP)
+
+
+def label_mode(recipe: Recipe, num_classes: int, *, class_label: int | None = None,
+               labels: str | None = None) -> str | None:
+    """How the class labels are drawn — random or balanced (`--labels`, else the recipe's `sample.labels`),
+    or fixed (`--class-label`) — checked against the model; None for an unconditional model."""
+    if labels is not None and labels not in LABELS:
+        raise UsageError(f"--labels must be one of {choices(LABELS)}; got {labels!r}")
     if num_classes == 0:
-        if class_label is not None:
-            raise UsageError("--class-label needs a class-conditional model; this one is unconditional")
+        for flag, value in (("--class-label", class_label), ("--labels", labels)):
+            if value is not None:
+                raise UsageError(f"{flag} needs a class-conditional model; this one is unconditional")
         return None
     if class_label is not None:
+        if labels is not None:
+            raise UsageError("give --class-label (one class) or --labels (random, balanced), not both")
         if not 0 <= class_label < num_classes:
             raise UsageError(f"--class-label must be in 0..{num_classes - 1}, got {class_label}")
+        return "fixed"
+    return labels or recipe.sample.labels
+
+
+def class_labels_for(seeds: Sequence[int], num_classes: int, mode: str | None,
+                     class_label: int | None = None) -> list[int] | None:
+    """Per-seed class labels (module doc) for a `label_mode`; None for an unconditional model."""
+    from .seeding import per_sample_randint
+
+    if mode is None:
+        return None
+    if mode == "fixed":
         return [class_label] * len(seeds)
-    return [s % num_classes for s in seeds]
+    if mode == "balanced":
+        return [s % num_classes for s in seeds]
+    return per_sample_randint(seeds, num_classes)
+
+
+def describe_labels(mode: str | None) -> str | None:
+    """The label rule of a `label_mode`, for protocol records."""
+    return {None: None, "fixed": "--class-label for every seed", "balanced": "seed % num_classes",
+            "random": "torch.randint(num_classes) per seed, generator_seed(seed, LABEL_STREAM) on the CPU"}[mode]
 
 
 @torch.no_grad()
@@ -119,11 +158,14 @@ def generate(model: torch.nn.Module, formulation, seeds: Sequence[int], *, shape
 
 
 def sampling_options(recipe: Recipe, model: torch.nn.Module, seeds: Sequence[int], *, class_label: int | None = None,
-                     cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None,
+                     labels: str | None = None, cfg_scale: float | None = None,
+                     cfg_interval: tuple[float, float] | None = None,
                      device: torch.device | str = "cpu") -> dict[str, Any]:
-    """`generate` keywords from the recipe's `sample` section, CLI overrides and the data (latent decoding)."""
+    """`generate` keywords from the recipe's `sample` section, CLI overrides and the data (latent decoding).
+    The label rule itself is `label_mode(...)` (the same checks; for the protocol records)."""
     s = recipe.sample
     num_classes = getattr(model, "num_classes", 0)
+    mode = label_mode(recipe, num_classes, class_label=class_label, labels=labels)
     scale = s.cfg_scale if cfg_scale is None else cfg_scale
     if scale != 1.0 and num_classes == 0:
         raise UsageError("--cfg-scale needs a class-conditional model; this one is unconditional (use 1)")
@@ -134,7 +176,7 @@ def sampling_options(recipe: Recipe, model: torch.nn.Module, seeds: Sequence[int
         from .data.latents import load_decoder
 
         decode = load_decoder(recipe.data.root, device=device, vae=recipe.data.vae, scale=recipe.data.latent_scale)
-    return dict(class_labels=class_labels_for(seeds, num_classes, class_label), cfg_scale=scale,
+    return dict(class_labels=class_labels_for(seeds, num_classes, mode, class_label), cfg_scale=scale,
                 cfg_interval=tuple(s.cfg_interval if cfg_interval is None else cfg_interval),
                 cfg_channels=s.cfg_channels, decode=decode)
 
@@ -236,7 +278,8 @@ def parse_formats(text: str) -> list[str]:
 def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampler: str | None,
                    steps: int | None, weights: str, formats: list[str], batch_size: int | None,
                    clip: bool | None, force: bool = False, cfg_scale: float | None = None,
-                   cfg_interval: str | None = None, class_label: int | None = None) -> dict[str, Any]:
+                   cfg_interval: str | None = None, class_label: int | None = None,
+                   labels: str | None = None) -> dict[str, Any]:
     """Library entry of `ddaepp sample` (multi-process aware: seeds are sharded, rank 0 writes)."""
     from accelerate import PartialState
 
@@ -249,9 +292,7 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
     steps = resolve_steps(formulation, sampler, steps, recipe.sample.steps)
-    if clip and recipe.data.dataset == "latents":
-        raise UsageError("--clip clips x̂0 to [-1, 1], a pixel range; this run's latents have unit variance "
-                         "(latent runs sample unclipped)")
+    check_clip(clip, recipe)
     clip = recipe.sample.clip_x0 if clip is None else clip
     clip = formulation.clip_x0 if clip is None else clip
     batch_size = recipe.sample.batch_size if batch_size is None else batch_size
@@ -266,7 +307,8 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     channels, size, _ = dataset_geometry(recipe.data)
     shape = (channels, size, size)
     mine = seeds[state.process_index::state.num_processes]
-    opts = sampling_options(recipe, model, mine, class_label=class_label, cfg_scale=cfg_scale,
+    mode = label_mode(recipe, getattr(model, "num_classes", 0), class_label=class_label, labels=labels)
+    opts = sampling_options(recipe, model, mine, class_label=class_label, labels=labels, cfg_scale=cfg_scale,
                             cfg_interval=parse_interval(cfg_interval), device=device)
     images = generate(model, formulation, mine, shape=shape, sampler=sampler, steps=steps, clip=clip,
                       batch_size=batch_size, device=device, show_progress=True, **opts)
@@ -286,7 +328,8 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
               "steps": steps, "clip_x0": clip, "seeds": [seeds[0], seeds[-1]], "n": len(seeds),
               "formulation": recipe.diffusion.formulation, "backbone": recipe.model.backbone,
               "cfg_scale": opts["cfg_scale"], "cfg_interval": list(opts["cfg_interval"]),
-              "cfg_channels": opts["cfg_channels"], "class_label": class_label,
+              "cfg_channels": opts["cfg_channels"], "labels": mode, "class_labels": describe_labels(mode),
+              "class_label": class_label,
               "ddaepp": __version__, "torch": torch.__version__}
     result = {"out": str(out_dir), **record}
     if state.is_main_process:

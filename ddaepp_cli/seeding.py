@@ -3,7 +3,8 @@
 The same idea as EDM's `StackedRandomGenerator` (edm:generate.py): one `torch.Generator` per sample,
 so `ddaepp sample --seeds 0-49999` gives the same images on 1 or 64 GPUs and at any `--batch-size`.
 `stream` separates independent draws for the same sample: 0 is the initial noise x_T, a stochastic
-sampler uses one stream per step (e.g. the DDPM step index).
+sampler uses one stream per step (e.g. the DDPM step index), and a class-conditional sample's label
+comes from `LABEL_STREAM` (`per_sample_randint`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .errors import UsageError
 # so larger seeds would silently collide with smaller ones; EDM takes `seed % 2**32` for the same reason.
 MAX_SEED = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
+# The stream of a sample's class label: far from the sampler's per-step streams (step indices < 2**16).
+LABEL_STREAM = MAX_SEED
 
 
 def _splitmix64(z: int) -> int:
@@ -66,6 +69,18 @@ def per_sample_randn(
         gen = torch.Generator(device=device).manual_seed(generator_seed(int(seed), stream))
         rows.append(torch.randn(shape, generator=gen, device=device, dtype=dtype))
     return torch.stack(rows)  # (B, *shape)
+
+
+def per_sample_randint(seeds: Sequence[int], high: int, *, stream: int = LABEL_STREAM) -> list[int]:
+    """One integer uniform in [0, high) per seed, `torch.randint` from that seed's own CPU generator on
+    `stream`: entry i depends only on seeds[i] (not on the batch, the rank or the device)."""
+    if high <= 0:
+        raise ValueError(f"high must be positive, got {high}")
+    out = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(generator_seed(int(seed), stream))
+        out.append(int(torch.randint(high, (1,), generator=gen)))
+    return out
 
 
 _ITEM = re.compile(r"(\d+)(?:-(\d+))?")

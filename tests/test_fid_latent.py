@@ -133,8 +133,10 @@ def test_run_png_folder_and_npz_give_the_same_numbers(lat, tmp_path):
 
     kw = dict(ref=lat["ref"], inception_weights=lat["w"], extractor_dtype="float32", metrics="fid,sfid,is,prc")
     live = F.fid(str(lat["run"]), n=6, batch_size=2, save_samples=str(tmp_path / "kept"), **kw)
+    # the same batches as `fid` (2): a DiT's float32 outputs change by ~1e-7 with the batch size on the CPU (small-M
+    # matmuls of the conditioning MLPs), enough to move a uint8 pixel now and then
     sample_command(str(lat["run"]), seeds=list(range(6)), out=str(tmp_path / "s"), sampler=None, steps=None,
-                   weights="ema", formats=["png"], batch_size=4, clip=None)
+                   weights="ema", formats=["png"], batch_size=2, clip=None)
     for i in range(6):
         assert np.array_equal(np.array(Image.open(tmp_path / "s" / f"{i:06d}.png")),
                               np.array(Image.open(tmp_path / "kept" / f"{i:06d}.png")))

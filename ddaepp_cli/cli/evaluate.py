@@ -25,6 +25,7 @@ def fid(
     checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Checkpoints of a run: latest (default), all, or steps such as 100000,200000; reports each and the best (lowest FID)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale of a class-conditional run (default: the recipe's; 1 = none)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class labels of a class-conditional run: random (uniform per seed, as DiT/SiT/REPA/SRA sample for FID) or balanced (seed % num_classes); default: the recipe's sample.labels (random)."),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="IS splits: adm (consecutive splits of 5000) or torch-fidelity (10 shuffled splits); default adm against an ADM reference batch, else torch-fidelity."),
     n: Optional[int] = typer.Option(None, "--n", help="Number of images: a run generates seeds 0..N-1; a folder/npz uses its first N (default: all; runs: 50000)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="fid10k or fid50k (sets --n)."),
@@ -58,7 +59,8 @@ def fid(
                      save_stats=str(save_stats) if save_stats else None,
                      save_samples=str(save_samples) if save_samples else None, sampler=sampler, steps=steps,
                      weights=weights, clip=clip, data_root=data_root, cache=not no_cache, device=device,
-                     checkpoints=checkpoints, cfg_scale=cfg_scale, cfg_interval=cfg_interval, protocol=protocol)
+                     checkpoints=checkpoints, cfg_scale=cfg_scale, cfg_interval=cfg_interval, protocol=protocol,
+                     labels=labels)
     if not result:  # ranks other than 0
         return
     report(result, json_out, print_fid)

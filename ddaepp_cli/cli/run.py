@@ -103,7 +103,8 @@ def sample(
     force: bool = typer.Option(False, "--force", help="Replace an output folder written by an earlier `ddaepp sample` (nothing else)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, class-conditional models (default: the recipe's; 1 = none)."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
-    class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (default: class seed % num_classes)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class labels, class-conditional models: random (uniform per seed, as DiT/SiT/REPA/SRA sample) or balanced (seed % num_classes); default: the recipe's sample.labels (random)."),
+    class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (instead of --labels)."),
     json_out: bool = json_option(),
 ) -> None:
     """Generate images with per-sample seeds (identical for any batch size or process count)."""
@@ -118,7 +119,7 @@ def sample(
     result = sample_command(run_or_ckpt, seeds=seed_list, out=str(out) if out else None, sampler=sampler,
                             steps=steps, weights=weights, formats=parse_formats(fmt), batch_size=batch_size,
                             clip=clip, force=force, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                            class_label=class_label)
+                            class_label=class_label, labels=labels)
     if int(os.environ.get("RANK", "0")) == 0:
         if json_out:
             emit_json(result)

@@ -350,6 +350,10 @@ class SampleConfig:
     cfg_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     cfg_channels: Literal["all", "first3"] = "all"  # first3: DiT/LightningDiT's guidance of channels [:3] only
+    # Class labels of a class-conditional model's samples (`sample`, `fid`), each a function of its seed:
+    # random = uniform, torch.randint per seed (DiT/SiT sample_ddp.py, REPA/SRA/LightningDiT generate.py /
+    # inference.py draw torch.randint labels); balanced = seed % num_classes (exactly balanced over seeds 0..N-1).
+    labels: Literal["random", "balanced"] = "random"
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

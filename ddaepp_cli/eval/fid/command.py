@@ -72,6 +72,7 @@ class Plan:
     seeds: list[int] | None = None
     cfg_scale: float | None = None
     cfg_interval: tuple[float, float] | None = None
+    labels: str | None = None  # --labels (random, balanced); None: the recipe's sample.labels
     spatial: bool = False  # extract the sFID features (sfid requested, or statistics to save)
 
     @property
@@ -85,8 +86,8 @@ class Plan:
 
 def plan(samples_or_run: str, *, ref, metrics, n, preset, seeds, batch_size, extractor_dtype, save_stats,
          save_samples, sampler, steps, clip, data_root, download, checkpoints, cfg_scale, cfg_interval,
-         protocol) -> Plan:
-    from ...sample import parse_interval
+         protocol, labels=None) -> Plan:
+    from ...sample import LABELS, parse_interval
 
     if batch_size is not None and batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
@@ -98,20 +99,23 @@ def plan(samples_or_run: str, *, ref, metrics, n, preset, seeds, batch_size, ext
         raise UsageError(f"--save-stats {save_stats}: give a .npz file name")
     if metrics is not None:
         parse_metrics(metrics)
+    if labels is not None and labels not in LABELS:
+        raise UsageError(f"--labels must be one of {choices(LABELS)}; got {labels!r}")
     interval = parse_interval(cfg_interval)
     path = Path(samples_or_run)
     if not path.exists():
         raise UsageError(f"no such folder, .npz or run: {samples_or_run}")
     is_run = _is_run(path)
     run_only = (seeds is not None or save_samples or sampler or steps is not None or clip is not None
-                or checkpoints is not None or cfg_scale is not None or cfg_interval is not None)
+                or checkpoints is not None or cfg_scale is not None or cfg_interval is not None or labels is not None)
     if not is_run and run_only:
-        raise UsageError("--seeds, --save-samples, --sampler, --steps, --clip, --checkpoints, --cfg-scale and "
-                         f"--cfg-interval apply to a run or checkpoint, not to {samples_or_run}")
-    p = Plan(wanted=[], protocol="", reference=None, ref_text=ref, cfg_scale=cfg_scale, cfg_interval=interval)
+        raise UsageError("--seeds, --save-samples, --sampler, --steps, --clip, --checkpoints, --cfg-scale, "
+                         f"--cfg-interval and --labels apply to a run or checkpoint, not to {samples_or_run}")
+    p = Plan(wanted=[], protocol="", reference=None, ref_text=ref, cfg_scale=cfg_scale, cfg_interval=interval,
+             labels=labels)
     if is_run:
         ref = _plan_run(p, path, ref=ref, metrics=metrics, n=n, preset=preset, seeds=seeds, checkpoints=checkpoints,
-                        save_stats=save_stats, save_samples=save_samples)
+                        save_stats=save_stats, save_samples=save_samples, clip=clip)
     else:
         _plan_files(p, path, n=n, preset=preset)
     _plan_metrics(p, ref, metrics, save_stats=save_stats, data_root=data_root, download=download)
@@ -119,12 +123,15 @@ def plan(samples_or_run: str, *, ref, metrics, n, preset, seeds, batch_size, ext
     return p
 
 
-def _plan_run(p: Plan, path: Path, *, ref, metrics, n, preset, seeds, checkpoints, save_stats, save_samples) -> str | None:
+def _plan_run(p: Plan, path: Path, *, ref, metrics, n, preset, seeds, checkpoints, save_stats, save_samples,
+              clip) -> str | None:
     """Checkpoints, seeds and the default reference of a run input; returns the reference to use."""
     from ...checkpoint import checkpoint_recipe, select_checkpoints
+    from ...sample import check_clip
 
     p.checkpoints = select_checkpoints(path, checkpoints)
     p.recipe = checkpoint_recipe(p.checkpoints[-1])
+    check_clip(clip, p.recipe)  # as `sample`: unit-variance latents are never clipped to the pixel range
     if len(p.checkpoints) > 1 and (save_stats or save_samples):
         raise UsageError("--save-stats and --save-samples take one checkpoint; drop them or choose one "
                          "with --checkpoints")
@@ -210,13 +217,13 @@ def fid(samples_or_run: str, *, ref: str | None = None, metrics: str | None = No
         steps: int | None = None, weights: str = "ema", clip: bool | None = None, data_root: str | None = None,
         cache: bool = True, device: str | None = None, record: bool = True, checkpoints: str | None = None,
         cfg_scale: float | None = None, cfg_interval: str | None = None,
-        protocol: str | None = None) -> dict[str, Any]:
+        protocol: str | None = None, labels: str | None = None) -> dict[str, Any]:
     """Library entry of `ddaepp fid` (multi-process aware: rank 0 returns the full result, others {})."""
     t_start = time.perf_counter()
     p = plan(samples_or_run, ref=ref, metrics=metrics, n=n, preset=preset, seeds=seeds, batch_size=batch_size,
              extractor_dtype=extractor_dtype, save_stats=save_stats, save_samples=save_samples, sampler=sampler,
              steps=steps, clip=clip, data_root=data_root, download=download, checkpoints=checkpoints,
-             cfg_scale=cfg_scale, cfg_interval=cfg_interval, protocol=protocol)
+             cfg_scale=cfg_scale, cfg_interval=cfg_interval, protocol=protocol, labels=labels)
 
     # ---- 2. extractor, generation options, reference ------------------------------------------------
     weights_path = inception.find_weights(inception_weights, download=download)  # exit 3 with instructions
@@ -279,12 +286,13 @@ def _environment(device: torch.device, extractor_dtype: str) -> dict:
 
 class _Generation:
     """The run's network per checkpoint as an image source, with `ddaepp sample`'s defaults (sampler,
-    steps, clipping, class labels, CFG from the recipe unless overridden, VAE decoding)."""
+    steps, clipping, class labels — random per seed unless `--labels balanced` / `sample.labels` —, CFG from
+    the recipe unless overridden, VAE decoding)."""
 
     def __init__(self, p: Plan, device: torch.device, *, weights: str, sampler: str | None, steps: int | None,
                  clip: bool | None):
         from ...build import build_formulation, dataset_geometry
-        from ...sample import load_model, resolve_steps, sampling_options
+        from ...sample import label_mode, load_model, resolve_steps, sampling_options
 
         self.p, self.device, self.weights = p, device, weights
         recipe, model, _ = load_model(p.checkpoints[0], weights, device)  # checks the weights file early
@@ -299,8 +307,9 @@ class _Generation:
         channels, size, _ = dataset_geometry(recipe.data)
         self.shape = (channels, size, size)
         # class labels of every seed, CFG settings, and the VAE decoder (loaded once, for every checkpoint)
-        self.options = sampling_options(recipe, model, p.seeds, cfg_scale=p.cfg_scale, cfg_interval=p.cfg_interval,
-                                        device=device)
+        self.labels = label_mode(recipe, getattr(model, "num_classes", 0), labels=p.labels)
+        self.options = sampling_options(recipe, model, p.seeds, labels=p.labels, cfg_scale=p.cfg_scale,
+                                        cfg_interval=p.cfg_interval, device=device)
         self.first = (p.checkpoints[0], recipe, model)
 
     def source(self, ckpt: Path, batch_size: int | None) -> tuple[ModelSource, dict, int]:
@@ -313,10 +322,11 @@ class _Generation:
             recipe, model, _ = load_model(ckpt, self.weights, self.device)
         self.first = None  # one network in memory at a time
         source = ModelSource(model, self.formulation, self.p.seeds, shape=self.shape, sampler=self.sampler,
-                             steps=self.steps, clip=self.clip, device=self.device, options=self.options)
+                             steps=self.steps, clip=self.clip, device=self.device, options=self.options,
+                             labels=self.labels)
         o = self.options
         guided = o.get("class_labels") is not None
-        protocol = {**checkpoint_record(ckpt, self.weights, recipe),
+        protocol = {**checkpoint_record(ckpt, self.weights, recipe), "labels": self.labels,
                     "cfg_scale": o["cfg_scale"] if guided else None,
                     "cfg_interval": list(o["cfg_interval"]) if guided else None,
                     "cfg_channels": o["cfg_channels"] if guided else None,

@@ -1,7 +1,8 @@
 """What `ddaepp fid` measures: N uint8 images (3, H, W), read by index.
 
 Folders of images, `.npz` files with `arr_0` (the ADM format, streamed), registered datasets, and a
-checkpoint whose samples are generated on the fly (`ModelSource`): per-sample seeds, class labels and
+checkpoint whose samples are generated on the fly (`ModelSource`): per-sample seeds, class labels (random
+per seed, or balanced; sample.py) and
 classifier-free guidance as `ddaepp sample` draws them, latents decoded through the run's VAE, and
 converted exactly as `ddaepp sample` writes PNGs, so a run, its PNG folder and its npz read the same.
 """
@@ -263,14 +264,16 @@ class ModelSource(ImageSource):
     """Samples of a checkpoint, generated batch by batch from per-sample seeds (never written).
 
     `options` are `sample.generate`'s keywords from `sample.sampling_options` (class labels of every
-    seed, CFG scale / interval / channels, the VAE decoder of a latent run); image i is a function of
-    seed i alone, so any batch size and any sharding over processes give the same images."""
+    seed, CFG scale / interval / channels, the VAE decoder of a latent run), `labels` their rule
+    (`sample.label_mode`, recorded); image i is a function of seed i alone, so any batch size and any
+    sharding over processes give the same images."""
 
     kind = "run"
 
     def __init__(self, model, formulation, seeds: list[int], *, shape: tuple[int, int, int], sampler: str,
-                 steps: int | None, clip: bool, device: torch.device, options: dict[str, Any] | None = None):
-        self.model, self.formulation, self.seeds = model, formulation, seeds
+                 steps: int | None, clip: bool, device: torch.device, options: dict[str, Any] | None = None,
+                 labels: str | None = None):
+        self.model, self.formulation, self.seeds, self.labels = model, formulation, seeds, labels
         self.shape, self.sampler, self.steps, self.clip, self.device = shape, sampler, steps, clip, device
         self.options = dict(options or {})
 
@@ -298,7 +301,9 @@ class ModelSource(ImageSource):
              "sampler": self.sampler, "steps": self.steps, "clip_x0": self.clip,
              "conversion": "((x + 1) * 127.5).round().clamp(0, 255).to(uint8)", "written": False}
         if o.get("class_labels") is not None:
-            d.update(class_labels="seed % num_classes", cfg_scale=o.get("cfg_scale"),
+            from ...sample import describe_labels
+
+            d.update(labels=self.labels, class_labels=describe_labels(self.labels), cfg_scale=o.get("cfg_scale"),
                      cfg_interval=list(o.get("cfg_interval") or ()), cfg_channels=o.get("cfg_channels"))
         if o.get("decode") is not None:
             d["decoded"] = "latents → the run's VAE decoder, clamped to [−1, 1]"
