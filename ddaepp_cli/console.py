@@ -28,25 +28,35 @@ def info(msg: str) -> None:
 
 
 class _Plain:
-    """Progress as plain lines every `every` seconds (and at the end)."""
+    """Progress as plain lines every `every` seconds (and at the end). Rates count only the units done by
+    this process: a run resumed at step 9990 of 10000 must not credit itself with the first 9990."""
 
-    def __init__(self, total: int, desc: str, unit: str, every: float = 10.0):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
+    def __init__(self, total: int, desc: str, unit: str, every: float = 10.0, *, start: int = 0,
+                 clock=time.perf_counter):
+        self.total, self.desc, self.unit, self.every, self.clock = total, desc, unit, every, clock
+        self.start = self.done = start
+        self.t0, self.last = clock(), None
         self.extra = ""
 
     def update(self, n: int = 1, extra: str = "") -> None:
         self.done += n
         self.extra = extra or self.extra
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
+        now = self.clock()
+        if self.last is None or now - self.last >= self.every or self.done >= self.total:
             self.last = now
-            el = now - self.t0
-            rate = self.done / el if el > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit} "
-                  f"({rate:.2f} {self.unit}/s, eta {eta:.0f}s) {self.extra}".rstrip(),
-                  file=sys.stderr, flush=True)
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        el, ran = now - self.t0, self.done - self.start
+        rate = ran / el if el > 0 else 0.0
+        if self.done >= self.total:  # the summary: this session's units over its wall time
+            units = self.unit if ran == 1 else self.unit + ("es" if self.unit.endswith("ch") else "s")
+            timing = f"{ran} {units} in {el:.1f}s, {rate:.2f} {self.unit}/s"
+        elif ran > 0:
+            timing = f"{rate:.2f} {self.unit}/s, eta {(self.total - self.done) / rate:.0f}s"
+        else:
+            timing = "eta ?"
+        return f"{self.desc}: {self.done}/{self.total} {self.unit} ({timing}) {self.extra}".rstrip()
 
 
 class _Rich:
@@ -68,9 +78,7 @@ def progress(total: int, desc: str, unit: str = "it", *, start: int = 0) -> Iter
         yield _Silent()
         return
     if not err.is_terminal:
-        bar = _Plain(total, desc, unit)
-        bar.done = start
-        yield bar
+        yield _Plain(total, desc, unit, start=start)
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                                TextColumn, TimeElapsedColumn, TimeRemainingColumn)

@@ -23,7 +23,8 @@ from . import analysis  # noqa: F401  probe, cka, align, noisy-classifier
 from . import evaluate  # noqa: F401  fid, segprobe
 from . import latent  # noqa: F401  profile-layers, cache-latents, export-digits
 from . import importing  # noqa: F401  import
-from .base import FlagHelpCommand, app, emit_json, handle_errors, resolve_recipe_path  # noqa: F401
+from .base import FlagHelpCommand, app, emit_json, handle_errors, interrupted_message, resolve_recipe_path  # noqa: F401
+from .. import threads
 
 __all__ = ["app", "main"]
 
@@ -35,6 +36,7 @@ def main(argv: Optional[List[str]] = None, prog_name: str = "ddaepp") -> None:
     # Click's UsageError (base of BadParameter, NoSuchOption, MissingParameter): found through the public
     # typer.BadParameter, because typer ≥ 0.25 vendors its own Click and older releases use click itself.
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    threads.set_default()  # OMP_NUM_THREADS before torch is imported: this process's share of the cores
     try:
         rc = app(args=argv, prog_name=prog_name, standalone_mode=False)
     except usage_error as e:
@@ -47,7 +49,7 @@ def main(argv: Optional[List[str]] = None, prog_name: str = "ddaepp") -> None:
             print(f"error: {where}: {msg}{hint}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:  # Ctrl-C outside a command body
-        print("interrupted", file=sys.stderr)
+        print(interrupted_message(), file=sys.stderr)
         sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -8,8 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from .base import (check_plot_for_checkpoints, command, dataset_option, device_option, json_option, report,
-                   report_checkpoints, run_argument, weights_option)
+from .base import (check_plot_for_checkpoints, check_run_or_ckpt, command, dataset_option, device_option, json_option,
+                   report, report_checkpoints, run_argument, threads_option, weights_option)
+from ..threads import use_threads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -37,13 +38,16 @@ def probe(
     seed: int = typer.Option(0, "--seed", help="Batch order, flips, noise and head initialisation."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Heatmap PNG (default: next to the eval record)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Linear probe: grid search over layers × timesteps in one pass, then the final probe on the test set."""
+    check_run_or_ckpt(run_or_ckpt)
+    check_plot_for_checkpoints(plot, checkpoints)
+    use_threads(threads)
     from ..eval.latentprobe import over_checkpoints
     from ..eval.probe import print_probe, probe as run_probe
 
-    check_plot_for_checkpoints(plot, checkpoints)
     result = over_checkpoints(run_or_ckpt, checkpoints, lambda ckpt: run_probe(
         ckpt, layers=layers, timesteps=timesteps, dataset=dataset, data_root=data_root, test_root=test_root,
         protocol=protocol, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, hflip=hflip,
@@ -71,9 +75,14 @@ def cka(
     seed: int = typer.Option(0, "--seed", help="Noise seed (shared by both models)."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Heatmap PNG (default: next to the eval record)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Linear CKA between every pair of layers of one model, or layer by layer between two models."""
+    for path in (run_or_ckpt, other):
+        if path is not None:
+            check_run_or_ckpt(path)
+    use_threads(threads)
     from ..eval.cka import cka_command, print_cka
 
     result = cka_command(run_or_ckpt, other, layers=layers, timestep=timestep, n=n, dataset=dataset,
@@ -95,9 +104,13 @@ def align(
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Alignment-vs-uniformity PNG (default: next to the eval record)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """DDAE's label-free alignment and uniformity of each layer's features (DDAE Eqs. 3-4)."""
+    for path in checkpoints:
+        check_run_or_ckpt(path)
+    use_threads(threads)
     from ..eval.analysis import align_command, print_align
 
     result = align_command(checkpoints, layers=layers, timestep=timestep, n=n, dataset=dataset, data_root=data_root,
@@ -122,9 +135,12 @@ def noisy_classifier(
     seed: int = typer.Option(0, "--seed", help="Seed of batches, noise, times and the head."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Accuracy-vs-noise PNG (default: next to the eval record)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Noise-conditional classifier on frozen features (DDAE Eq. 5): accuracy at every noise level."""
+    check_run_or_ckpt(run_or_ckpt)
+    use_threads(threads)
     from ..eval.analysis import noisy_classifier as run_noisy, print_noisy
 
     result = run_noisy(run_or_ckpt, layer=layer, dataset=dataset, data_root=data_root, epochs=epochs, lr=lr,

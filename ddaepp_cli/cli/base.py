@@ -6,13 +6,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from ..errors import DdaeppError, UsageError
+from ..errors import DdaeppError, Interrupted, UsageError
 
 
 def _help_as_flag(option):
@@ -21,9 +22,23 @@ def _help_as_flag(option):
     return option
 
 
+def _plain_argument(piece: str) -> str:
+    """`{source}` → `SOURCE`, `[other]` → `[OTHER]`: Click's usage convention, which typer ≥ 0.2x replaced
+    by braces around required arguments (`Usage: ddaepp import [OPTIONS] {source}`)."""
+    m = re.fullmatch(r"\{(\w+)\}(\.\.\.)?|\[([a-z]\w*)\](\.\.\.)?", piece)
+    if m is None:
+        return piece
+    if m.group(1):
+        return m.group(1).upper() + (m.group(2) or "")
+    return f"[{m.group(3).upper()}]" + (m.group(4) or "")
+
+
 class FlagHelpCommand(TyperCommand):
     def get_help_option(self, ctx):
         return _help_as_flag(super().get_help_option(ctx))
+
+    def collect_usage_pieces(self, ctx):
+        return [_plain_argument(p) for p in super().collect_usage_pieces(ctx)]
 
 
 class FlagHelpGroup(TyperGroup):
@@ -81,12 +96,36 @@ def device_option():
     return typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available).")
 
 
+def threads_option():
+    return typer.Option(None, "--threads", metavar="N",
+                        help="CPU threads of this process (default: $OMP_NUM_THREADS, else the physical cores "
+                             "it may use, shared among the processes of a launch; on a machine shared with other "
+                             "jobs, 1).")
+
+
 def weights_option(help: str = "ema or raw."):
     return typer.Option("ema", "--weights", help=help)
 
 
 def dataset_option():
     return typer.Option(None, "--dataset", help="digits, cifar10, cifar100 or imagefolder (default: the recipe's).")
+
+
+# Checks of RUN_OR_CKPT and other paths that need no torch: a mistyped path is refused at once, before
+# the seconds it takes to import torch and load a model.
+def check_run_or_ckpt(path: str) -> None:
+    """The refusals of `checkpoint.resolve_checkpoint`, made without importing torch: a missing path, a
+    file that is not .safetensors, a folder with neither weights nor `checkpoints/`. The full resolution
+    (which checkpoint, is it complete) still happens where the checkpoint is loaded."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"no such run or checkpoint: {p}")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise UsageError(f"{p} is not a run folder, checkpoint folder or .safetensors file")
+        return
+    if not any((p / name).exists() for name in ("model.safetensors", "ema.safetensors", "checkpoints")):
+        raise UsageError(f"{p} holds no checkpoint (expected {p}/checkpoints/step-*/ or model.safetensors)")
 
 
 def emit_json(obj) -> None:
@@ -120,19 +159,30 @@ def report_checkpoints(result, json_out: bool, show, score: str) -> None:
     print(format_checkpoints(result, score), file=sys.stderr)
 
 
-def handle_errors(fn):
-    """One clear line and the documented exit code for user-fixable problems; no traceback."""
+def interrupted_message(command: str | None = None) -> str:
+    """What every command prints on Ctrl-C (exit 130). It starts with "interrupted" like train's
+    "interrupted at step N; checkpoint written to …": a stop the user asked for is not an `error:`."""
+    what = f"`ddaepp {command}`" if command else "ddaepp"
+    return f"interrupted: {what} stopped before it finished; re-run the same command"
+
+
+def handle_errors(fn, name: str | None = None):
+    """One clear line and the documented exit code for user-fixable problems; no traceback. `name`: the
+    command's, for the Ctrl-C line."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:  # a signal, handled: "interrupted at step N; checkpoint written …"
+            print(e, file=sys.stderr)
+            raise typer.Exit(e.exit_code)
         except DdaeppError as e:
             if int(os.environ.get("RANK", "0")) == 0 or e.exit_code != 2:
                 print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print(interrupted_message(name), file=sys.stderr)
             raise typer.Exit(130)
         except OSError as e:  # a user-given path that cannot be used (`--run-dir a_file/sub`, `/proc/x`)
             if e.filename is None:
@@ -148,7 +198,8 @@ def command(*args, **kwargs):
     """Register a command on `app` (Typer's `app.command` arguments) with `handle_errors` around it."""
 
     def register(fn):
-        return app.command(*args, **kwargs)(handle_errors(fn))
+        name = args[0] if args else kwargs.get("name") or fn.__name__.lower().replace("_", "-")
+        return app.command(*args, **kwargs)(handle_errors(fn, name))
 
     return register
 

@@ -11,9 +11,10 @@ from typing import Optional
 
 import typer
 
-from .base import (check_plot_for_checkpoints, command, device_option, json_option, report, report_checkpoints,
-                   run_argument, weights_option)
+from .base import (check_plot_for_checkpoints, check_run_or_ckpt, command, device_option, json_option, report,
+                   report_checkpoints, run_argument, threads_option, weights_option)
 from ..errors import UsageError
+from ..threads import use_threads
 
 
 @command(epilog="Examples: ddaepp fid runs/cifar10_edm_ddpmpp --preset fid50k --ref cifar10-train --json; "
@@ -43,9 +44,13 @@ def fid(
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where registered reference sets live (default $DDAEPP_DATA, else ./data)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
     device: Optional[str] = device_option(),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """FID, sFID, IS, KID and precision/recall through torch-fidelity's Inception, with a protocol record."""
+    if not Path(samples_or_run).exists():  # before torch (eval.fid says the same after it)
+        raise UsageError(f"no such folder, .npz or run: {samples_or_run}")
+    use_threads(threads)
     from ..eval.fid import fid as run_fid, print_fid
 
     seed_list = None
@@ -86,15 +91,18 @@ def segprobe(
     workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding processes (default 4 on a GPU, 0 on a CPU)."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of predictions beside ground truth (default: next to the eval record)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Dense linear probe (semantic segmentation, mIoU) on frozen noised features of two layers."""
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {workers}")
+    check_run_or_ckpt(run_or_ckpt)
+    check_plot_for_checkpoints(plot, checkpoints)
+    use_threads(threads)
     from ..eval.latentprobe import over_checkpoints
     from ..eval.segprobe import print_segprobe, segprobe as run_segprobe
 
-    if workers is not None and workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {workers}")
-    check_plot_for_checkpoints(plot, checkpoints)
     result = over_checkpoints(run_or_ckpt, checkpoints, lambda ckpt: run_segprobe(
         ckpt, dataset=dataset, data_root=data_root, layers=layers, timestep=timestep, epochs=epochs, lr=lr,
         batch_size=batch_size, image_size=image_size, label_size=label_size, grid=grid, cache_features=cache_features,

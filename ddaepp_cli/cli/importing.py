@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from .base import command, emit_json, json_option, resolve_recipe_path, weights_option
+from ..errors import UsageError
 
 
 @command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
@@ -25,12 +26,15 @@ def import_cmd(
     json_out: bool = json_option(),
 ) -> None:
     """Convert a DDAE / U-ViT / LightningDiT / DiT / SiT / REPA / SRA checkpoint into a run: keys, conventions, a source record."""
-    from ..importers import import_checkpoint
     from ..recipe import load_recipe
 
-    rec = load_recipe(resolve_recipe_path(recipe), list(set_))
+    rec = load_recipe(resolve_recipe_path(recipe), list(set_))  # recipe and source first: no torch needed
+    if not source.is_file():
+        raise UsageError(f"no such checkpoint file: {source}")
+    from ..importers import import_checkpoint
+
     result = import_checkpoint(source, family=family, recipe=rec, out=out, weights=weights, vae=vae,
-                               latent_stats=latent_stats)
+                               latent_stats=latent_stats, explicit=tuple(set_))
     if json_out:
         emit_json({k: v for k, v in result.items() if k != "dropped"} |
                    {"dropped": {r: len(keys) for r, keys in result["dropped"].items()}})

@@ -26,10 +26,11 @@ def profile_layers(
     json_out: bool = json_option("Print one JSON object on stdout (`best` is the chosen layer)."),
 ) -> None:
     """Short runs with self-conditioning at each candidate layer plus the baseline; the lowest final loss wins."""
-    from ..training.profile import format_table, profile_layers as run_profile
     from ..recipe import load_recipe
 
-    rec = load_recipe(resolve_recipe_path(recipe), list(set_))
+    rec = load_recipe(resolve_recipe_path(recipe), list(set_))  # before torch: a wrong path is answered at once
+    from ..training.profile import format_table, profile_layers as run_profile
+
     folder = run_dir or Path("runs") / f"{rec.name}-profile"
     result = run_profile(rec, candidates, folder, steps=steps, epochs=epochs, window=window,
                          plot=plot or folder / "loss_curves.png")

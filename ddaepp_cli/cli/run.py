@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +11,9 @@ import typer
 
 from ..errors import UsageError
 from . import base
-from .base import command, emit_json, json_option, report, resolve_recipe_path, run_argument, weights_option
+from .base import (check_run_or_ckpt, command, emit_json, json_option, report, resolve_recipe_path, run_argument,
+                   threads_option, weights_option)
+from ..threads import use_threads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -30,22 +31,28 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, parameter counts and batch plan; train nothing."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="With --dry-run: plan for this many processes."),
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change", help="Resume a run folder whose stored recipe differs."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Train a model from a recipe (resumes exactly when the run folder already has checkpoints)."""
     from ..recipe import load_recipe
-    from ..training.runlock import run_lock
-    from ..training.train import dry_run as plan_run, train as run_train
 
+    # Everything checkable without torch first: a wrong path or key is answered at once.
     overrides = list(set_) + ([f"train.seed={seed}"] if seed is not None else [])
     rec = load_recipe(resolve_recipe_path(recipe), overrides)
     if max_steps is not None and max_steps <= 0:
         raise UsageError(f"--max-steps must be positive, got {max_steps}")
     if num_processes is not None and num_processes <= 0:
         raise UsageError(f"--num-processes must be positive, got {num_processes}")
+    use_threads(threads)
+    import torch
+
+    from ..training.runlock import run_lock
+    from ..training.train import dry_run as plan_run, train as run_train
+
     if dry_run:
         world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
-        out = plan_run(rec, world, max_steps)
+        out = plan_run(rec, world, max_steps) | {"threads": torch.get_num_threads()}
         report(out, json_out, _print_plan)
         return
     run_dir = run_dir or Path("runs") / rec.name
@@ -68,7 +75,9 @@ def _print_plan(out: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(yaml.safe_dump(out["recipe"], sort_keys=False), markup=False, highlight=False)
+    text = yaml.safe_dump(out["recipe"], sort_keys=False)
+    console.print(_explain_augment(text, out["recipe"].get("augment") or {}), markup=False, highlight=False,
+                  soft_wrap=True)
     table = Table(title=f"plan: {out['recipe']['name']}", show_header=False)
     rows = [("parameters", f"{out['params']:,}"), ("trainable parameters", f"{out['trainable_params']:,}"),
             ("training-only parameters", f"{out.get('aux_params', 0):,} (heads, projectors; not in the model)"),
@@ -78,9 +87,38 @@ def _print_plan(out: dict) -> None:
             ("gradient accumulation", str(out["grad_accum"])),
             ("steps per epoch", str(out["steps_per_epoch"])), ("total steps", str(out["total_steps"])),
             ("warm-up steps", str(out["warmup_steps"]))]
+    if "threads" in out:
+        rows.append(("CPU threads", f"{out['threads']} per process (--threads, OMP_NUM_THREADS)"))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+AUGMENT_MULTIPLIERS = ("xflip", "yflip", "scale", "rotate_frac", "aniso", "translate_frac")
+
+
+def _explain_augment(text: str, augment: dict) -> str:
+    """The dumped recipe with a comment on each augmentation multiplier: the share of images it touches.
+    EDM's AugmentPipe applies a transform with probability multiplier × p, so x-flip's 1e8 means "always
+    considered" — and a considered flip is a coin toss, so half the images are flipped."""
+    p = float(augment.get("p", 0.0))
+
+    def note(key: str, mult: float) -> str:
+        prob = min(1.0, mult * p)
+        share = "≥ 1: every image" if prob >= 1 else f"= {prob:.0%} of images"
+        return f"× p {share}" + (" considered, half of them flipped" if key in ("xflip", "yflip") else "")
+
+    lines, section = [], None
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+        key, _, value = line.strip().partition(": ")
+        if section == "augment" and key in AUGMENT_MULTIPLIERS and isinstance(augment.get(key), (int, float)):
+            mult = float(augment[key])
+            shown = f"{mult:.1e}".replace("e+0", "e+") if mult >= 1e6 else value  # 100000000.0 → 1.0e+8 (YAML float)
+            line = f"  {key}: {shown}  # {note(key, mult)}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,17 +143,24 @@ def sample(
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="Guide only for paper t in LO,HI (e.g. 0,0.89; default: the recipe's)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class labels, class-conditional models: random (uniform per seed, as DiT/SiT/REPA/SRA sample) or balanced (seed % num_classes); default: the recipe's sample.labels (random)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Sample this class only (instead of --labels)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Generate images with per-sample seeds (identical for any batch size or process count)."""
-    from ..sample import parse_formats, sample_command
-    from ..seeding import parse_seeds
-
     if (n is None) == (seeds is None):
         raise UsageError("give exactly one of --n N or --seeds A-B")
     if n is not None and n <= 0:
         raise UsageError(f"--n must be positive, got {n}")
-    seed_list = list(range(n)) if n is not None else parse_seeds(seeds)
+    if seeds is not None:  # seeding.py imports torch: only a --seeds command pays for it before the checks
+        from ..seeding import parse_seeds
+
+        seed_list = parse_seeds(seeds)
+    else:
+        seed_list = list(range(n))
+    check_run_or_ckpt(run_or_ckpt)
+    use_threads(threads)
+    from ..sample import parse_formats, sample_command
+
     result = sample_command(run_or_ckpt, seeds=seed_list, out=str(out) if out else None, sampler=sampler,
                             steps=steps, weights=weights, formats=parse_formats(fmt), batch_size=batch_size,
                             clip=clip, force=force, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
@@ -181,28 +226,31 @@ def recipes(json_out: bool = json_option("Print one JSON array on stdout.")) -> 
     console.print(table)
 
 
-@command(epilog="Example: ddaepp info runs/quickstart --json")
+@command(epilog="Examples: ddaepp info runs/quickstart --json; ddaepp info runs/quickstart --plot")
 def info(run_dir: Path = typer.Argument(..., help="A run folder."),
+         plot: bool = typer.Option(False, "--plot", help="Draw the training curves of metrics.jsonl (loss and its "
+                                   "parts, learning rate, gradient norm, images/s) into RUN/training_curves.png."),
          json_out: bool = json_option()) -> None:
-    """Summarise a run: recipe, checkpoints, last logged metrics."""
-    from ..checkpoint import checkpoint_recipe, list_checkpoints
-
+    """Summarise a run: recipe, checkpoints, last logged metrics; --plot draws the training curves."""
     if not (run_dir / "recipe.yaml").is_file():
         raise UsageError(f"{run_dir} is not a ddaepp run folder (no recipe.yaml)")
+    from ..checkpoint import checkpoint_recipe, list_checkpoints
+    from ..training.metrics import read_metrics
+
     rec = checkpoint_recipe(run_dir)
-    last = None
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if lines:
-            try:
-                last = json.loads(lines[-1])
-            except json.JSONDecodeError:
-                last = None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    last = records[-1] if records else None
     out = {"run_dir": str(run_dir), "name": rec.name, "backbone": rec.model.backbone,
            "formulation": rec.diffusion.formulation, "selfcond": rec.model.selfcond.layer,
            "checkpoints": [{"step": s, "path": str(p)} for s, p in list_checkpoints(run_dir)],
            "last_metrics": last}
+    if plot:
+        if not records:
+            raise UsageError(f"{run_dir / 'metrics.jsonl'} holds no logged step yet: nothing to plot")
+        from ..eval.plots import training_curves
+
+        out["plot"] = training_curves(records, run_dir / "training_curves.png",
+                                      title=f"{rec.name}: training ({run_dir})")
     if json_out:
         emit_json(out)
         return
@@ -218,3 +266,5 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder."),
         table.add_row("last logged", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in last.items()))
     Console().print(table)
+    if "plot" in out:
+        print(f"plot: {out['plot']}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Figures of the analysis commands (matplotlib, non-interactive Agg backend), written atomically.
 
 probe heatmap (layer × timestep, DDAE Fig. 2), CKA heatmap (DDAE++ Fig. 7), alignment vs
-uniformity scatter (DDAE Fig. 3), accuracy vs noise curve (DDAE Fig. 6).
+uniformity scatter (DDAE Fig. 3), accuracy vs noise curve (DDAE Fig. 6), and the training curves of a
+run's metrics.jsonl (`ddaepp info RUN --plot`).
 """
 
 from __future__ import annotations
@@ -136,4 +137,52 @@ def layer_curve(layers: Sequence[str], accuracy: Sequence[float], path, *, title
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def training_curves(records: Sequence[dict], path, *, title: str) -> str:
+    """A run's metrics.jsonl against the step: the loss and its parts (loss_diff, loss_moco, loss_sra, …),
+    the learning rate, the gradient norm and the throughput, one panel each."""
+    steps = np.array([r["step"] for r in records], dtype=float)
+
+    def series(key: str) -> np.ndarray:  # null (a skipped step) or a non-finite value: a gap in the line
+        a = np.array([np.nan if r.get(key) is None else float(r[key]) for r in records], dtype=float)
+        return np.where(np.isfinite(a), a, np.nan)
+
+    parts = sorted({k for r in records for k in r if k.startswith("loss_")})
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    (ax_loss, ax_lr), (ax_grad, ax_speed) = axes
+    k_avg = len(records) // 50  # long runs: the logged losses faint, a moving average over 2 % of them on top
+    for i, k in enumerate(("loss", *parts)):
+        y = series(k)
+        color = f"C{i}"
+        ax_loss.plot(steps, y, color=color, linewidth=0.8 if k_avg > 1 else 1.2, alpha=0.3 if k_avg > 1 else 1,
+                     label=None if k_avg > 1 else k)
+        if k_avg > 1:
+            valid = np.isfinite(y)
+            smooth = np.convolve(y[valid], np.ones(k_avg) / k_avg, mode="valid")
+            ax_loss.plot(steps[valid][k_avg - 1:], smooth, color=color, linewidth=1.2, label=f"{k} (mean of {k_avg})")
+    loss_values = np.concatenate([series(k) for k in ("loss", *parts)])
+    if np.nanmin(loss_values, initial=np.inf) > 0:  # losses span decades early in training
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("training loss")
+    if parts or k_avg > 1:
+        ax_loss.legend(fontsize=7)
+    ax_lr.plot(steps, series("lr"), color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    grad = series("grad_norm")
+    ax_grad.plot(steps, grad, color="tab:red", linewidth=1)
+    if np.nanmin(grad, initial=np.inf) > 0:
+        ax_grad.set_yscale("log")
+    ax_grad.set_ylabel("gradient norm (before clipping)")
+    ax_speed.plot(steps, series("img_per_s"), color="tab:purple", linewidth=1)
+    ax_speed.set_ylabel("images / s")
+    ax_speed.set_ylim(bottom=0)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)

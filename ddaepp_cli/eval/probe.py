@@ -360,14 +360,17 @@ def probe(run_or_ckpt: str, *, layers: str | None = None, timesteps: str | None 
         return {}
 
     record_path = new_record_path(ckpt, "probe")
-    best_acc = next((c["accuracy"] for c in cells if c["layer"] == layer and c["timestep"] == t.text), None)
+    # The chosen cell's accuracy on the split it was chosen on; a single cell is chosen on nothing, so its
+    # accuracy is the final one, on the test set.
+    best_acc = next((c["accuracy"] for c in cells if c["layer"] == layer and c["timestep"] == t.text), test_acc)
     result = {
         "command": "probe",
         "layers": layer_list,
         "timesteps": [x.as_dict() for x in times],
         "selected_on": selected_on,
         "cells": cells,
-        "best": {"layer": layer, "timestep": t.text, "t": t.value, "accuracy": best_acc},
+        "best": {"layer": layer, "timestep": t.text, "t": t.value, "accuracy": best_acc,
+                 "accuracy_on": selected_on if cells else "test"},
         "test_accuracy": test_acc,
         "chance": 1.0 / train_full.num_classes,
         "final_losses": final_losses,

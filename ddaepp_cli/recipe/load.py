@@ -70,7 +70,7 @@ def load_raw(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     if p in _seen:
         chain = " -> ".join(str(s.name) for s in (*_seen, p))
         raise UsageError(f"recipe base cycle: {chain}")
-    data = read_yaml(p)
+    data = read_yaml(path)  # messages name the file as the user typed it, not its absolute path
     base = data.pop("base", None)
     if base is None:
         return data

@@ -17,6 +17,21 @@ import torch
 from ..atomic import write_text_atomic
 
 
+def read_metrics(file: Path) -> list[dict]:
+    """The logged lines of a `metrics.jsonl`, oldest first; a line cut by a kill is skipped."""
+    if not file.is_file():
+        return []
+    records = []
+    for line in file.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    return records
+
+
 def truncate_metrics(file: Path, step: int) -> None:
     """Drop metric lines logged after `step` (they will be logged again)."""
     if not file.is_file():
