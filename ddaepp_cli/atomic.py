@@ -76,27 +76,33 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = 
 
 def write_text_new(path: str | os.PathLike, text: str) -> Path:
     """Write `text` at `path` unless the name is taken: an existing file is never replaced, the text goes to
-    `<stem>-2<suffix>`, `-3`, … instead. Two writers racing cannot take one name (a hard link fails when
-    the name exists). Returns where it went."""
+    `<stem>-2<suffix>`, `-3`, … instead. Returns where it went.
+
+    The complete text is written and flushed under a temporary name first. A hard link then gives it the
+    free name atomically (a link fails when the name exists). Where the file system has no hard links,
+    the name is claimed by an exclusive create (O_CREAT | O_EXCL: of several writers racing for one name
+    exactly one gets it) and the text is renamed over that claim, which is its own empty file."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         fsync_file(tmp)
-        target, k = path, 1
+        target, k, linked = path, 1, True
         while True:
             try:
-                os.link(tmp, target)
+                if linked:
+                    os.link(tmp, target)
+                else:
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    os.replace(tmp, target)  # over our own claim: never another writer's file
                 break
             except FileExistsError:
                 k += 1
                 target = path.with_name(f"{path.stem}-{k}{path.suffix}")
-            except OSError:  # no hard links on this file system: a rename to a free name
-                while target.exists():
-                    k += 1
-                    target = path.with_name(f"{path.stem}-{k}{path.suffix}")
-                os.replace(tmp, target)
-                break
+            except OSError:
+                if not linked:
+                    raise
+                linked = False  # no hard links on this file system: claim the name, then rename over it
         fsync_dir(path.parent)
         return target
     finally:

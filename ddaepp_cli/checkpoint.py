@@ -39,6 +39,14 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def checkpoint_step(ckpt: str | os.PathLike) -> int | None:
+    """The step of a checkpoint folder: `step-N`, or `.old-step-N-PID` (a copy displaced by a re-save that
+    crashed, see `list_checkpoints`); None for any other name."""
+    name = Path(ckpt).name
+    m = STEP_DIR.match(name) or OLD_STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
     root = Path(run_dir) / "checkpoints"

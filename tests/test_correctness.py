@@ -77,7 +77,9 @@ def test_fp16_nan_loss_counts_towards_the_abort():
     ts = TrainState(rec, device=torch.device("cpu"), precision="fp16")
     plan = make_plan(rec, 1, 1000)
     x, y = batch_of(rec, ts)
-    r = train_step(ts, x, y, plan=plan, warmup_steps=0, fault=True)
+    from ddaepp_cli.training.faults import Faults
+
+    r = train_step(ts, x, y, plan=plan, warmup_steps=0, faults=Faults(nan=frozenset({ts.step})))
     assert not r.applied and not r.overflow  # a NaN loss is not an overflow
     r = train_step(ts, x, y, plan=plan, warmup_steps=0)  # and the scaler still works afterwards
     assert r.applied

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_text_atomic, write_text_new
+from ..checkpoint import checkpoint_step
 from ..console import info
 
 
@@ -31,11 +32,6 @@ def run_folder(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def checkpoint_step(ckpt: Path) -> int | None:
-    name = Path(ckpt).name
-    if name.startswith("step-") and name[5:].isdigit():
-        return int(name[5:])
-    return None
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -50,7 +50,7 @@ def over_checkpoints(run_or_ckpt: str, spec: str | None, evaluate: Callable[[str
                      score: Callable[[dict], float], command: str) -> dict:
     """`evaluate` on every checkpoint `spec` selects; one checkpoint returns its result unchanged, several
     a summary {checkpoints: [...], best: {...}} with every full result under `results`."""
-    from ..checkpoint import select_checkpoints
+    from ..checkpoint import checkpoint_step, select_checkpoints
 
     ckpts = select_checkpoints(run_or_ckpt, spec)
     if len(ckpts) == 1:
@@ -63,7 +63,7 @@ def over_checkpoints(run_or_ckpt: str, spec: str | None, evaluate: Callable[[str
         results.append(r)
     if not results:
         return {}
-    rows = [{"checkpoint": str(c), "step": int(Path(c).name.split("-")[-1]), "score": score(r),
+    rows = [{"checkpoint": str(c), "step": checkpoint_step(c), "score": score(r),
              "eval_record": r.get("eval_record")} for c, r in zip(ckpts, results)]
     best = max(rows, key=lambda row: row["score"])  # ties: the earliest
     return {"command": command, "checkpoints": rows, "best": best, "results": results}

@@ -8,6 +8,11 @@ times) is made for the whole global batch from the shared generator, and each ra
 A step whose gradients are not finite is skipped (no update, no EMA update). With fp16 the scaler is
 updated either way, so an overflow backs the scale off; an overflow with a finite loss is normal in the
 first fp16 steps and is not counted towards `train.max_nonfinite`.
+
+With several processes "finite" is decided over all of them: one all-reduce of two flags (gradients,
+loss) per step, so that every process skips, counts and eventually stops at the same step. A loss that is
+NaN on one rank only is a non-finite step on every rank, not an overflow on the others (which would let
+that rank alone reach `train.max_nonfinite` and stop while the others wait in their next collective).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .faults import NONE, Faults
 from .state import TrainState, lr_at
 
 
@@ -38,8 +44,9 @@ def select_view(x: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
 
 
 def train_step(ts: TrainState, x: torch.Tensor, labels: torch.Tensor, *, plan, warmup_steps: int,
-               no_sync=None, fault: bool = False) -> StepResult:
-    """x: this rank's images in the model range (or cached latents); labels: their classes."""
+               no_sync=None, faults: Faults = NONE) -> StepResult:
+    """x: this rank's images in the model range (or cached latents); labels: their classes. `faults`:
+    test-only fault injection (faults.py)."""
     recipe, t = ts.recipe, ts.recipe.train
     B, device = t.global_batch, ts.device
     lo, hi = ts.rank * plan.per_process_batch, (ts.rank + 1) * plan.per_process_batch
@@ -60,16 +67,16 @@ def train_step(ts: TrainState, x: torch.Tensor, labels: torch.Tensor, *, plan, w
             teach = obj.teacher_outputs(ts.teacher, ts.teacher_aux, batch, draws[sl], gather=ts.gather,
                                         rank=ts.rank)  # the auxiliary losses' EMA teacher (no grad)
             loss, step_parts = ts.net(batch, teach, ts.step / plan.steps_per_epoch)
-            if fault:
-                loss = loss * float("nan")
-        ts.scaler.scale(loss / plan.grad_accum).backward()
+            loss, backprop = faults.after_forward(ts.step, loss)
+        ts.scaler.scale(backprop / plan.grad_accum).backward()
         step_loss += loss.detach().float() / plan.grad_accum
         for k, v in step_parts.items():
             parts[k] = parts.get(k, 0.0) + v / plan.grad_accum
 
     ts.scaler.unscale_(ts.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(list(ts.parameters()), t.grad_clip if t.grad_clip else float("inf"))
-    grads_ok, loss_ok = torch.isfinite(torch.stack((grad_norm.float(), step_loss))).tolist()  # one host sync
+    bad = (~torch.isfinite(torch.stack((grad_norm.float(), step_loss.float())))).float()
+    grads_ok, loss_ok = (ts.reduce_mean(bad) == 0).tolist()  # over every process (module doc); one host sync
     if grads_ok:
         for g in ts.optimizer.param_groups:
             g["lr"] = lr_at(recipe, ts.step, warmup_steps)

@@ -1,0 +1,230 @@
+"""Many processes decide together, and one run folder has one writer (issue 21).
+
+Fast checks of each decision in one process (a fake reduction stands in for the other ranks, threads
+for racing processes); the slow ones start real processes: three `train`s racing for one new folder,
+and a chain of faults injected into one rank of `torchrun --nproc_per_node 2` (gloo) runs, each
+stopping every rank with one message, each re-run resuming exactly (training/faults.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+
+HELPERS = Path(__file__).resolve().parent / "mp_helpers"
+
+
+# ------------------------------------------------------------------------------------------------
+# One writer per run folder (training/runlock.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_refused_train_leaves_the_new_folder_to_its_holder(tmp_path, monkeypatch):
+    """Before: B looked first (no folder), A created and locked it, B was refused and removed the still
+    empty folder: A held a lock on a deleted folder, and a third `train` C got "the" lock too."""
+    from ddaepp_cli.errors import UsageError
+    from ddaepp_cli.training.runlock import run_lock
+
+    run = tmp_path / "new"
+    real_exists = Path.exists
+    b_looked, a_locked = threading.Event(), threading.Event()
+
+    def exists(self, *a, **k):
+        out = real_exists(self, *a, **k)
+        if self == run and threading.current_thread().name == "B" and not b_looked.is_set():
+            b_looked.set()
+            a_locked.wait(10)  # A creates and locks the folder between B's look and B's lock
+        return out
+
+    monkeypatch.setattr(Path, "exists", exists)
+    refusals = []
+
+    def b():
+        try:
+            with run_lock(run):
+                refusals.append(None)
+        except UsageError as e:
+            refusals.append(str(e))
+
+    t = threading.Thread(target=b, name="B")
+    t.start()
+    assert b_looked.wait(10)
+    with run_lock(run):  # A
+        a_locked.set()
+        t.join(10)
+        assert refusals and "in use" in refusals[0]
+        assert run.is_dir()  # B did not remove the holder's folder
+        with pytest.raises(UsageError, match="in use"):  # C
+            with run_lock(run):
+                pass
+    assert not real_exists(run)  # the holder removes the folder it made and left empty
+
+
+def test_a_lock_taken_on_a_removed_folder_is_taken_again(tmp_path, monkeypatch):
+    """D opens the folder, the holder A finishes (removing its empty folder), then D locks: D must lock
+    the folder the path names now, not the deleted one (else E could lock a new folder beside it)."""
+    from ddaepp_cli.errors import UsageError
+    from ddaepp_cli.training import runlock
+
+    run = tmp_path / "new"
+    a = runlock.run_lock(run)
+    a.__enter__()
+    real = runlock._lock
+
+    def late(fd, path):
+        monkeypatch.setattr(runlock, "_lock", real)
+        a.__exit__(None, None, None)  # between D's open and D's lock
+        return real(fd, path)
+
+    monkeypatch.setattr(runlock, "_lock", late)
+    with runlock.run_lock(run):  # D
+        assert run.is_dir()
+        with pytest.raises(UsageError, match="in use"):  # E
+            with runlock.run_lock(run):
+                pass
+
+
+def _train_cmd(recipe: Path, run: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "ddaepp_cli", "train", str(recipe), "--run-dir", str(run), *map(str, extra)]
+
+
+@pytest.mark.slow
+def test_three_trains_race_for_one_new_folder(tmp_path):
+    """Three `train`s started together on a new folder, three times: exactly one trains (exit 0), two exit
+    2 naming the holder, and the folder holds one run's files (each step logged once, one checkpoint)."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY.replace("channels: 64", "channels: 32").replace("ch_mults: [1, 2]", "ch_mults: [1]")
+                      .replace("attn_resolutions: [4]", "attn_resolutions: []"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        procs = []
+        for k in range(3):  # the third a little later on some attempts: after a refused one has left
+            procs.append(subprocess.Popen(_train_cmd(recipe, run, "--max-steps", 2), cwd=ROOT, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            if k == 1 and attempt:
+                time.sleep(0.5 * attempt)
+        outs = [p.communicate(timeout=300)[1] for p in procs]
+        codes = [p.returncode for p in procs]
+        assert sorted(codes) == [0, 2, 2], (codes, outs)
+        for code, err in zip(codes, outs):
+            if code == 2:
+                assert "in use" in err and "Traceback" not in err, err
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2], steps  # one writer
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Files: --checkpoints all on a displaced checkpoint, exclusive evaluation records
+# ------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_all_reports_the_step_of_a_displaced_checkpoint(tmp_path):
+    """Before: `.old-step-0000020-4242` (a re-save that crashed between its renames) was reported as step 4242."""
+    from ddaepp_cli.eval.evalrecord import checkpoint_step
+    from ddaepp_cli.eval.latentprobe import over_checkpoints
+
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("step-0000010", ".old-step-0000020-4242"):
+        (root / name).mkdir(parents=True)
+    scores = iter((0.5, 0.7))
+    result = over_checkpoints(str(tmp_path / "run"), "all", lambda c: {"score": next(scores)},
+                              lambda r: r["score"], "probe")
+    assert [row["step"] for row in result["checkpoints"]] == [10, 20]
+    assert result["best"]["step"] == 20
+    assert checkpoint_step(root / ".old-step-0000020-4242") == 20  # what eval records store as the step
+
+
+def test_new_file_names_never_replace_a_racing_writers_file(tmp_path, monkeypatch):
+    """Where hard links fail, the old fallback checked that the name was free and then renamed over it:
+    a writer taking the name in between lost its file. Here one takes it inside our rename."""
+    from ddaepp_cli import atomic
+
+    def no_links(*a, **k):
+        raise PermissionError(1, "Operation not permitted")
+
+    real_replace, real_pid, raced = os.replace, os.getpid, []
+
+    def replace(src, dst):
+        if not raced:  # another process (another PID: another temporary name) writes the same record
+            raced.append(1)
+            monkeypatch.setattr(atomic.os, "getpid", lambda: real_pid() + 1)
+            raced.append(atomic.write_text_new(tmp_path / "eval.json", "theirs"))
+            monkeypatch.setattr(atomic.os, "getpid", real_pid)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "link", no_links)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    mine = atomic.write_text_new(tmp_path / "eval.json", "mine")
+    theirs = raced[1]
+    assert mine != theirs and mine.read_text() == "mine" and theirs.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-2.json", "eval.json"]  # no temporary left
+
+
+# ------------------------------------------------------------------------------------------------
+# The step's decisions are every rank's (training/step.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp16_state():
+    """A tiny UNet TrainState with the fp16 gradient scaler on the CPU (fp32 compute), one batch."""
+    from ddaepp_cli.recipe import recipe_from_dict
+    from ddaepp_cli.training.state import TrainState
+    from ddaepp_cli.training.train import make_plan
+    import yaml
+
+    rec = recipe_from_dict(yaml.safe_load(TINY.replace("channels: 64", "channels: 32")))
+    ts = TrainState(rec, device=torch.device("cpu"))
+    ts.scaler = torch.amp.GradScaler("cpu")  # what DDAEPP_FAULT_FP16_SCALER does in train.py
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (32,), generator=g)
+    return ts, make_plan(rec, 1, 1000), x, y
+
+
+def _other_rank(bad: tuple[float, float]):
+    """A reduce_mean over this rank and one other whose (gradients, loss) non-finite flags are `bad`."""
+    return lambda flags: (flags + torch.tensor(bad)) / 2
+
+
+def test_a_nan_loss_on_another_rank_is_no_overflow_here(fp16_state):
+    """Before: a rank whose own loss was finite called the step an fp16 overflow (not counted towards
+    train.max_nonfinite) while the rank with the NaN loss counted it: that rank alone stopped, the others
+    hung in their next collective. Gradients are all-reduced, so here they overflow too."""
+    from ddaepp_cli.training.faults import Faults
+    from ddaepp_cli.training.step import train_step
+
+    ts, plan, x, y = fp16_state
+    ts.reduce_mean = _other_rank((1.0, 1.0))  # its loss was NaN (and so its gradients)
+    step = ts.step
+    r = train_step(ts, x, y, plan=plan, warmup_steps=0, faults=Faults(overflow=frozenset({step})))
+    assert torch.isfinite(r.loss)  # this rank's loss was fine
+    assert not r.applied and not r.overflow  # counted as non-finite, as on the other rank
+
+
+def test_an_overflow_is_skipped_uncounted_and_backs_the_scale_off(fp16_state):
+    """fp16's overflow decision on a CPU (the DDAEPP_FAULT_OVERFLOW_STEPS hook): infinite gradients with a
+    finite loss on every rank skip the step without counting it, halve the scale, and training goes on."""
+    from ddaepp_cli.training.faults import Faults
+    from ddaepp_cli.training.step import train_step
+
+    ts, plan, x, y = fp16_state
+    ts.reduce_mean = _other_rank((1.0, 0.0))  # the other rank's gradients overflowed too, its loss finite
+    scale, before = ts.scaler.get_scale(), [p.detach().clone() for p in ts.model.parameters()]
+    r = train_step(ts, x, y, plan=plan, warmup_steps=0, faults=Faults(overflow=frozenset({ts.step})))
+    assert not r.applied and r.overflow and ts.scaler.get_scale() == scale / 2
+    assert all(torch.equal(a, b) for a, b in zip(before, ts.model.parameters()))
+    ts.reduce_mean = _other_rank((0.0, 0.0))
+    r = train_step(ts, x, y, plan=plan, warmup_steps=0)
+    assert r.applied and not r.overflow
+    assert any(not torch.equal(a, b) for a, b in zip(before, ts.model.parameters()))
