@@ -229,6 +229,15 @@ def test_default_threads_share_the_cores_among_a_launch():
     assert set_default(env) == 1 and env["OMP_NUM_THREADS"] == "1"
 
 
+def test_a_busy_machine_gets_a_hint_to_use_one_thread():
+    from ddaepp_cli.threads import busy_hint
+
+    hint = busy_hint(2, load=7.8, cores=2)
+    assert hint.startswith("note: this machine is busy (load average 7.8 on 2 cores)") and "--threads 1" in hint
+    assert busy_hint(1, load=7.8, cores=2) is None  # one thread already
+    assert busy_hint(2, load=0.4, cores=2) is None  # a quiet machine
+
+
 def test_the_command_line_sets_this_process_share_before_torch():
     """Without OMP_NUM_THREADS, N processes of a launch on this machine's usable cores get one thread each
     (torch alone would give each one thread per physical core of the machine): `main` chooses before any

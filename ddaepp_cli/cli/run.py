@@ -13,7 +13,7 @@ from ..errors import UsageError
 from . import base
 from .base import (check_run_or_ckpt, command, emit_json, json_option, report, resolve_recipe_path, run_argument,
                    threads_option, weights_option)
-from ..threads import use_threads
+from ..threads import busy_hint, use_threads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,6 +56,9 @@ def train(
         report(out, json_out, _print_plan)
         return
     run_dir = run_dir or Path("runs") / rec.name
+    hint = busy_hint(torch.get_num_threads()) if not torch.cuda.is_available() else None
+    if hint and int(os.environ.get("RANK", "0")) == 0:
+        print(hint, file=sys.stderr)
     with run_lock(run_dir):  # one writer per run folder: a second `train` exits 2 (runlock.py)
         result = run_train(rec, run_dir, max_steps=max_steps, allow_recipe_change=allow_recipe_change)
     if int(os.environ.get("RANK", "0")) == 0:
