@@ -7,19 +7,18 @@ accelerate: every collective is then the identity. Training and sampling use acc
 Sharding rule of a batch of n items (`shares`): contiguous slices in rank order, the first n mod world
 ranks one item longer (`torch.tensor_split`); `all_gather_rows` puts the shares back in that order, so
 a gathered batch is the batch one process would have computed.
+
+A failure of one process stops every process of the launch with the same message: failures.py.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from .failures import world_size  # noqa: F401  (the one definition; re-exported)
 
 
 class Dist:

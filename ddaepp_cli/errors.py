@@ -33,6 +33,17 @@ class NonFiniteError(DdaeppError):
     exit_code = 1
 
 
+class ProcessFailed(DdaeppError):
+    """A process of a multi-process launch failed, or was lost: every process stops with this one line
+    (failures.py; exit 1). `peer_lost`: the lost process cannot confirm it printed the line too."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, peer_lost: bool = False):
+        super().__init__(message)
+        self.peer_lost = peer_lost
+
+
 class Interrupted(DdaeppError):
     """SIGINT/SIGTERM after a checkpoint was written (exit 130)."""
 

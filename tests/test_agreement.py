@@ -228,3 +228,88 @@ def test_an_overflow_is_skipped_uncounted_and_backs_the_scale_off(fp16_state):
     r = train_step(ts, x, y, plan=plan, warmup_steps=0)
     assert r.applied and not r.overflow
     assert any(not torch.equal(a, b) for a, b in zip(before, ts.model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# One rank fails: every rank stops, with one line; the re-run resumes exactly (torchrun, gloo)
+# ------------------------------------------------------------------------------------------------
+
+STEPS = 14
+CHAIN = [  # run k resumes what run k-1 left; rank 1 alone gets each fault (training/faults.py; steps from 0)
+    # an fp16 overflow at step 0 (skipped, not counted), then NaN losses past train.max_nonfinite = 2
+    ("nan", {"DDAEPP_FAULT_OVERFLOW_STEPS": "0", "DDAEPP_FAULT_NAN_STEPS": "4,5"}, 1,
+     "error: 2 non-finite losses/gradients in a row at step 6; stopped; the last good checkpoint", 3),
+    # resumed from a displaced checkpoint (rank 1 loads it 2 s late), then an exception between forward and
+    # backward: rank 0 waits inside the gradient all-reduce
+    ("raise", {"DDAEPP_FAULT_RESUME_DELAY": "2", "DDAEPP_FAULT_RAISE_STEPS": "7"}, 1,
+     "error: rank 1 failed after step 7: RuntimeError: injected fault at step 7", 6),
+    ("kill", {"DDAEPP_FAULT_KILL_STEPS": "10"}, 1, "error: lost contact with another process after step 10", 9),
+    ("signal", {"DDAEPP_FAULT_SIGNAL_STEPS": "10"}, 130, "interrupted at step 11; checkpoint written", 11),
+]
+
+
+def _torchrun_train(out: Path, recipe: Path, run: Path, faults: dict) -> tuple[dict, dict]:
+    """One `torchrun --nproc_per_node 2 … train` launch through mp_helpers/rank_exit.py: each rank's
+    {"code", "end"} and stderr."""
+    from test_multiprocess import torchrun_cmd
+
+    out.mkdir()
+    cmd, env = torchrun_cmd(out, "train", recipe, "--run-dir", run, "--max-steps", STEPS,
+                            script=HELPERS / "rank_exit.py")
+    env.update({"DDAEPP_FAULT_FP16_SCALER": "1", "DDAEPP_FAULT_RANKS": "1", **faults})
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ends = {k: json.loads((out / f"exit-{k}.json").read_text()) for k in (0, 1)}
+    return ends, {k: (out / f"stderr-{k}.txt").read_text() for k in (0, 1)}
+
+
+def _losses(run: Path) -> dict[int, float | None]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_one_rank_fails_every_rank_stops_with_one_line_and_resumes(tmp_path):
+    """Rank 1 alone: NaN losses (under the fp16 scaler), an exception, SIGKILL, SIGTERM. Each time every
+    surviving rank ends within seconds with one and the same line and exit code, the last good checkpoint
+    is the one the line names, and the next run resumes from it, reproducing the logged losses bitwise.
+    The second run also resumes from a displaced checkpoint (`.old-step-N-PID`, a re-save that crashed
+    between its renames) that rank 1 loads late: rank 0 puts it back before any rank resolves it."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY.replace("channels: 64", "channels: 32").replace("ch_mults: [1, 2]", "ch_mults: [1]")
+                      .replace("attn_resolutions: [4]", "attn_resolutions: []")
+                      .replace("checkpoint_every: 4\n  keep_last: 2", "checkpoint_every: 3\n  keep_last: 10\n"
+                                                                       "  max_nonfinite: 2"))
+    run, logged = tmp_path / "run", []
+    for k, (name, faults, code, line, ckpt) in enumerate(CHAIN):
+        if name == "raise":
+            (run / "checkpoints" / "step-0000003").rename(run / "checkpoints" / ".old-step-0000003-4242")
+        ends, errs = _torchrun_train(tmp_path / name, recipe, run, faults)
+        alive = [r for r in (0, 1) if ends[r]["code"] != -9]
+        assert [ends[r]["code"] for r in alive] == [code] * len(alive), (name, ends, errs)
+        assert alive == ([0] if name == "kill" else [0, 1]) and ends[1]["code"] in (code, -9), (name, ends)
+        finals = {errs[r].strip().splitlines()[-1] for r in alive}
+        assert len(finals) == 1 and next(iter(finals)).startswith(line), (name, errs)
+        ckpt_dir = run / "checkpoints" / f"step-{ckpt:07d}"
+        if code == 1:
+            assert f"the last good checkpoint {ckpt_dir} is kept" in next(iter(finals))
+        for r in alive:  # one message each, no stray traceback (but the failing rank's own)
+            assert sum(ln.startswith(("error:", "interrupted")) for ln in errs[r].splitlines()) == 1, errs[r]
+            assert ("Traceback" in errs[r]) == (name == "raise" and r == 1), errs[r]
+        assert max(e["end"] for e in ends.values()) - min(e["end"] for e in ends.values()) < 10, (name, ends)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))[-1] == \
+            ckpt_dir.name
+        assert {p.name for p in ckpt_dir.iterdir()} == {"model.safetensors", "ema.safetensors", "state.pt",
+                                                        "recipe.yaml"}
+        if k:
+            previous = CHAIN[k - 1][4]
+            assert f"from step {previous} (step-{previous:07d})" in " ".join(errs[0].split()), errs[0]  # resumed there
+        logged.append(_losses(run))
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".old")]  # put back, once
+
+    ends, errs = _torchrun_train(tmp_path / "last", recipe, run, {})
+    assert [ends[r]["code"] for r in (0, 1)] == [0, 0], errs
+    final = _losses(run)
+    assert sorted(final) == list(range(1, STEPS + 1))  # each step logged once
+    for before in logged:  # every loss logged before a fault, logged again bitwise after resuming
+        assert {s: v for s, v in before.items() if v is not None and s < max(before)} == \
+            {s: final[s] for s, v in before.items() if v is not None and s < max(before)}
+    assert final[1] is None and all(v is not None for s, v in final.items() if s > 1)  # step 1: the overflow

@@ -8,12 +8,15 @@ import json
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ..errors import DdaeppError, Interrupted, UsageError
+from ..failures import lost_peer, stop_together, watch_failures, world_size
 
 
 def _help_as_flag(option):
@@ -172,26 +175,64 @@ def handle_errors(fn, name: str | None = None):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        watch_failures()  # several processes: one's failure stops every one, with one message (failures.py)
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:  # a signal, handled: "interrupted at step N; checkpoint written …"
-            print(e, file=sys.stderr)
-            raise typer.Exit(e.exit_code)
+            _exit(e.exit_code, str(e))
         except DdaeppError as e:
-            if int(os.environ.get("RANK", "0")) == 0 or e.exit_code != 2:
-                print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(e.exit_code)
+            _exit(e.exit_code, f"error: {e}", every_rank=e.exit_code != 2, wait=not getattr(e, "peer_lost", False))
         except KeyboardInterrupt:
             print(interrupted_message(name), file=sys.stderr)
             raise typer.Exit(130)
         except OSError as e:  # a user-given path that cannot be used (`--run-dir a_file/sub`, `/proc/x`)
             if e.filename is None:
+                _unexpected(e)
                 raise
             where = f"{e.filename} → {e.filename2}" if e.filename2 else str(e.filename)
-            print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
-            raise typer.Exit(2)
+            _exit(2, f"error: {where}: {e.strerror or e}")
+        except Exception as e:
+            _unexpected(e)
+            raise
 
     return wrapper
+
+
+def _exit(code: int, text: str, *, every_rank: bool = True, wait: bool = True) -> NoReturn:
+    """Print `text` (one line) and exit with `code`; with several processes, the line and code every
+    process agreed on (failures.py; `wait`: for the others to print it). Without that agreement exit-2
+    lines are printed by rank 0 alone: every rank sees the same bad input."""
+    agreed = stop_together(code, text, wait=wait)
+    if agreed is not None:
+        _exit_now(agreed[0])
+    if every_rank or int(os.environ.get("RANK", "0")) == 0:
+        print(text, file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit a process of a launch that is stopping as a whole: everything it writes is written atomically,
+    and tearing down a process group whose peers are gone takes seconds (gloo: ~3 s) for nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _unexpected(e: Exception) -> None:
+    """An unexpected failure (a bug) keeps its traceback and exit 1. With several processes the others
+    stop too, with a line naming this rank; a lost peer (a killed process) is said in one line."""
+    if world_size() <= 1:
+        return
+    if lost_peer(e):
+        text = ("error: lost contact with another process of the launch (it was killed or crashed: its own "
+                "output or the launcher's report says which)")
+        agreed = stop_together(1, text, wait=False)
+    else:
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        agreed = stop_together(1, f"error: rank {os.environ.get('RANK', '0')}: {type(e).__name__}: {first}")
+    if agreed is not None:
+        _exit_now(agreed[0])
 
 
 def command(*args, **kwargs):

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +26,13 @@ import torch
 from .. import __version__
 from ..atomic import write_text_atomic
 from ..build import build_backbone, build_formulation, build_objective, count_params, dataset_geometry, load_training_data
-from ..checkpoint import checkpoint_recipe, latest_checkpoint, recover_checkpoints, save_checkpoint
+from ..checkpoint import checkpoint_recipe, latest_checkpoint, recover_checkpoints, save_checkpoint, step_dir_name
 from ..console import info, progress
 from ..data.stream import check_resumable
-from ..errors import Interrupted, NonFiniteError, UsageError
+from ..errors import DdaeppError, Interrupted, NonFiniteError, ProcessFailed, UsageError
+from ..failures import lost_peer
 from ..recipe import Recipe, diff_recipes, recipe_to_dict, recipe_to_yaml
+from .faults import Faults
 from .metrics import MetricsLog, truncate_metrics
 from .state import TrainState, lr_at, rng_state
 from .step import train_step
@@ -132,10 +135,15 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, *, allow_recipe_change: bool)
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM: finish the step, write a checkpoint, exit 130."""
+    """SIGINT/SIGTERM: finish the step, write a checkpoint, exit 130.
 
-    def __init__(self) -> None:
-        self.raised = False
+    `quiet` (several processes): the handler only notes the signal; the loop reduces the flag over every
+    rank and rank 0 says what happens. Leaving with an exception, a quiet flag ignores further signals
+    instead of restoring the old handlers: the process is on its way out with an agreed exit code
+    (failures.py), and the launcher's SIGTERM to the remaining processes must not cut that short."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.raised, self.quiet = False, quiet
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
@@ -147,6 +155,9 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.quiet:
+            self.raised = True
+            return
         if self.raised:  # a second signal: the checkpoint is still written (exit 130 means one was)
             info(f"received signal {signum} again: still finishing the step and writing the checkpoint "
                  "(SIGKILL stops at once, losing the steps since the last checkpoint)")
@@ -156,13 +167,20 @@ class _StopFlag:
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_IGN if self.quiet and exc[0] is not None else old)
 
 
-def _fault_steps() -> set[int]:
-    """Fault injection for tests (DDAEPP_FAULT_NAN_STEPS=5,6): those steps get a NaN loss."""
-    raw = os.environ.get("DDAEPP_FAULT_NAN_STEPS", "")
-    return {int(s) for s in raw.split(",") if s.strip()}
+def _failed(e: Exception, rank: int, step: int, kept: str) -> ProcessFailed:
+    """The one line every process stops with when this one failed unexpectedly (its traceback is printed
+    here) or lost contact with another one (failures.py)."""
+    resume = "re-run the same command to resume"
+    if lost_peer(e):
+        return ProcessFailed(f"lost contact with another process after step {step} (it was killed or crashed: "
+                             f"its own output or the launcher's report says which); {kept}; {resume}",
+                             peer_lost=True)
+    traceback.print_exc()
+    first = (str(e).strip().splitlines() or [""])[0]
+    return ProcessFailed(f"rank {rank} failed after step {step}: {type(e).__name__}: {first}; {kept}; {resume}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +191,6 @@ def _fault_steps() -> set[int]:
 def _write_run_files(run_dir: Path, recipe: Recipe, ts: TrainState, resume_from: Path | None) -> None:
     """Rank 0: the resolved recipe (fresh runs), metrics cut to the resumed step, meta.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    recover_checkpoints(run_dir)  # a re-save that crashed between its two renames
     if resume_from is None:
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
     truncate_metrics(run_dir / "metrics.jsonl", ts.step)  # also at step 0: no line is ever logged twice
@@ -205,24 +222,25 @@ class GridSampler:
 
 def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe_change: bool,
            compile_kw: dict | None):
-    """Processes, the run folder check (every rank; rank 0's answer for all), data, plan, and the
+    """Processes, the run folder check (rank 0's, for every rank: `_resume_point`), data, plan, and the
     `TrainState`, resumed from the latest checkpoint when there is one."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # processes and DDP; precision is the state's
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    resume_from = prepare_run_dir(run_dir, recipe, allow_recipe_change=allow_recipe_change)
-    if world > 1:
-        shared_answer = gather_object([str(resume_from) if resume_from else ""])[0]
-        resume_from = Path(shared_answer) if shared_answer else None
+    faults = Faults.from_env(rank)
+    resume_from = _resume_point(run_dir, recipe, allow_recipe_change=allow_recipe_change,
+                                main=accelerator.is_main_process, world=world)
     dataset = load_training_data(recipe)
     plan = make_plan(recipe, world, len(dataset), max_steps)
     if recipe.train.compile and device.type == "cpu":  # benchmarks/group_train.py: compile loses on CPU
         info("warning: train.compile on a CPU: the UNet step measured 0.83-0.88x the speed of eager after "
              "3 min of compilation (benchmarks/bench.py); it is meant for GPUs")
     ts = TrainState(recipe, device=device, accelerator=accelerator, rank=rank, world=world, compile_kw=compile_kw)
+    if faults.fp16_scaler and not ts.scaler.is_enabled():  # test hook: fp16's step decisions on a CPU
+        ts.scaler = torch.amp.GradScaler(device.type)
     if resume_from is not None:
+        faults.before_resume()
         note = ts.load(resume_from)
         if ts.data_state is not None:  # before anything is written: same data-set size and global batch
             check_resumable(ts.data_state, num_samples=len(dataset), global_batch=recipe.train.global_batch)
@@ -234,12 +252,30 @@ def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe
     return accelerator, ts, dataset, plan
 
 
-def _stop_requested(stop: _StopFlag, accelerator) -> bool:
-    """A signal on any rank stops every rank after this step (one collective with several processes)."""
+def _resume_point(run_dir: Path, recipe: Recipe, *, allow_recipe_change: bool, main: bool, world: int) -> Path | None:
+    """The checkpoint every rank resumes from (None: a fresh run). Rank 0 alone checks the folder and puts
+    back a checkpoint displaced by a re-save that crashed between its two renames (checkpoint.py); the
+    other ranks take its answer from a collective, so they read nothing before the repair is done — a rank
+    resolving the folder by itself could pick the displaced copy while rank 0 renames it back."""
+    from accelerate.utils import broadcast_object_list
+
+    answer = [""]
+    if main:
+        resume = prepare_run_dir(run_dir, recipe, allow_recipe_change=allow_recipe_change)
+        if resume is not None and recover_checkpoints(run_dir):
+            resume = latest_checkpoint(run_dir)
+        answer = [str(resume) if resume else ""]
+    if world > 1:
+        broadcast_object_list(answer, from_process=0)  # a refusal on rank 0 stops the others (failures.py)
+    return Path(answer[0]) if answer[0] else None
+
+
+def _stop_requested(stop: _StopFlag, accelerator) -> int:
+    """How many ranks received a signal; any stops every rank after this step (one collective)."""
     if accelerator.num_processes == 1:
-        return stop.raised
+        return int(stop.raised)
     flag = torch.tensor([float(stop.raised)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, "sum").item() > 0)
+    return int(accelerator.reduce(flag, "sum").item())
 
 
 def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None = None,
@@ -263,49 +299,68 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                      reduce_mean=ts.reduce_mean, main=main)
     grid = GridSampler(ts, (dataset.channels, dataset.image_size, dataset.image_size), run_dir)
 
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / step_dir_name(ts.step) if ts.step else None  # the last good checkpoint: no file is read
+
     def checkpoint() -> None:
+        nonlocal last
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
         if main:
             save_checkpoint(run_dir, ts.step, recipe=recipe, model=ts.model, ema=ts.ema.module,
                             state={**ts.state_dict(rngs), "data": stream.state_dict()},
                             keep_last=t.keep_last, milestones=t.milestones)
+        last = ckpt_dir / step_dir_name(ts.step)
 
-    faults, test_delay = _fault_steps(), float(os.environ.get("DDAEPP_TEST_STEP_DELAY", "0"))
+    def kept() -> str:
+        return f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
+
+    faults, test_delay = Faults.from_env(rank), float(os.environ.get("DDAEPP_TEST_STEP_DELAY", "0"))
     bad_in_a_row, total = 0, plan.total_steps
     ts.objective.train()  # backbone, heads (batch-norm) and u(σ) (forced weight normalisation)
-    with _StopFlag() as stop, progress(total, "train", "step", start=ts.step) as bar:
-        batches = iter(stream)
-        while ts.step < total:
-            images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            x = images if images.ndim == 5 else to_model_range(images)  # cached latents: (b, 2, C, H, W)
-            r = train_step(ts, x, labels, plan=plan, warmup_steps=plan.warmup_steps or 0,
-                           no_sync=lambda: accelerator.no_sync(ts.net), fault=ts.step in faults)
-            log.add(r)
-            bad_in_a_row = 0 if r.applied or r.overflow else bad_in_a_row + 1
-            if bad_in_a_row >= t.max_nonfinite:
-                last = latest_checkpoint(run_dir)
-                kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
-                raise NonFiniteError(f"{bad_in_a_row} non-finite losses/gradients in a row at step {ts.step}; "
-                                     f"stopped; {kept} (lower train.lr or enable train.grad_clip)")
-            if ts.step % t.log_every == 0 or ts.step == total:
-                rec = log.write(step=ts.step, epoch=ts.step / plan.steps_per_epoch, grad_norm=r.grad_norm,
-                                lr=lr_at(recipe, ts.step - 1, plan.warmup_steps or 0), nonfinite=ts.nonfinite_total)
-                shown = f"{rec['loss']:.4f}" if rec["loss"] is not None else "skipped"
-                bar.update(0, extra=f"loss {shown} {rec['img_per_s']:.1f} img/s")
-            bar.update(1)
-            if test_delay:
-                time.sleep(test_delay)
-            stop_now = _stop_requested(stop, accelerator)
-            if ts.step % t.checkpoint_every == 0 or ts.step == total or stop_now:
-                checkpoint()
-            if main and t.sample_every and recipe.sample.steps != 0 and \
-                    (ts.step % t.sample_every == 0 or ts.step == total):
-                grid(ts.step)
-            if stop_now:
-                accelerator.wait_for_everyone()
-                raise Interrupted(f"interrupted at step {ts.step}; checkpoint written to {run_dir}/checkpoints; "
-                                  f"re-run the same command to resume")
+    try:
+        with _StopFlag(quiet=world > 1) as stop, progress(total, "train", "step", start=ts.step) as bar:
+            batches = iter(stream)
+            while ts.step < total:
+                faults.step_start(ts.step)
+                images, labels = next(batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                x = images if images.ndim == 5 else to_model_range(images)  # cached latents: (b, 2, C, H, W)
+                r = train_step(ts, x, labels, plan=plan, warmup_steps=plan.warmup_steps or 0,
+                               no_sync=lambda: accelerator.no_sync(ts.net), faults=faults)
+                log.add(r)
+                # r.applied / r.overflow are decided over every rank (step.py): all ranks stop at the same step
+                bad_in_a_row = 0 if r.applied or r.overflow else bad_in_a_row + 1
+                if bad_in_a_row >= t.max_nonfinite:
+                    raise NonFiniteError(f"{bad_in_a_row} non-finite losses/gradients in a row at step {ts.step}; "
+                                         f"stopped; {kept()} (lower train.lr or enable train.grad_clip)")
+                if ts.step % t.log_every == 0 or ts.step == total:
+                    rec = log.write(step=ts.step, epoch=ts.step / plan.steps_per_epoch, grad_norm=r.grad_norm,
+                                    lr=lr_at(recipe, ts.step - 1, plan.warmup_steps or 0),
+                                    nonfinite=ts.nonfinite_total)
+                    shown = f"{rec['loss']:.4f}" if rec["loss"] is not None else "skipped"
+                    bar.update(0, extra=f"loss {shown} {rec['img_per_s']:.1f} img/s")
+                bar.update(1)
+                if test_delay:
+                    time.sleep(test_delay)
+                signalled = _stop_requested(stop, accelerator)
+                if signalled and world > 1 and main:
+                    info(f"{signalled} of {world} processes received a stop signal: writing a checkpoint at "
+                         f"step {ts.step}")
+                if ts.step % t.checkpoint_every == 0 or ts.step == total or signalled:
+                    checkpoint()
+                if main and t.sample_every and recipe.sample.steps != 0 and \
+                        (ts.step % t.sample_every == 0 or ts.step == total):
+                    grid(ts.step)
+                if signalled:
+                    accelerator.wait_for_everyone()
+                    raise Interrupted(f"interrupted at step {ts.step}; checkpoint written to {ckpt_dir}; "
+                                      f"re-run the same command to resume")
+    except (DdaeppError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if world == 1:
+            raise
+        raise _failed(e, rank, ts.step, kept()) from e
     accelerator.wait_for_everyone()
     return {"run_dir": str(run_dir), "step": ts.step, "total_steps": total,
             "checkpoint": str(latest_checkpoint(run_dir)) if main else None, "nonfinite_skipped": ts.nonfinite_total}
