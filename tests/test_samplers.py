@@ -95,6 +95,7 @@ N_SAMPLES = 4000
 GAUSSIAN_CASES = [
     ("ddpm", "ddim", {"steps": 1000}, 0.02),
     ("ddpm", "ddpm", {}, 0.0),  # ancestral, 1000 steps, stochastic
+    ("ddpm", "sde", {}, 0.02),  # U-ViT's Euler–Maruyama on the VP-SDE limit, 1000 steps, stochastic
     ("edm", "heun", {"steps": 100}, 0.0),
     ("edm", "euler", {"steps": 500}, 0.02),
     ("edm", "ddim", {"steps": 500}, 0.02),

@@ -46,8 +46,9 @@ class DDPM(Formulation):
 
     name = "ddpm"
     # "euler" is the same step as "ddim" (x' = α'·x̂0 + σ'·ε̂; DDAE++ Tab. 7 says "Euler (DDIM)")
-    samplers = ("ddim", "euler", "ddpm")
-    default_steps = {"ddim": 100, "euler": 100, "ddpm": 1000}  # DDAE++ Tab. 7; ancestral = T steps
+    # "sde": Euler–Maruyama on the VP-SDE limit of the schedule, U-ViT's CIFAR-10 sampler (samplers.py)
+    samplers = ("ddim", "euler", "ddpm", "sde")
+    default_steps = {"ddim": 100, "euler": 100, "ddpm": 1000, "sde": 1000}  # DDAE++ Tab. 7; ancestral = T steps
     clip_x0 = True  # ddae:model/DDPM.py `pred_eps_(clip_x=True)` in both its samplers
 
     def __init__(

@@ -1,5 +1,5 @@
 """Samplers as pure functions of a denoiser (x_t, t) -> Prediction: DDIM/Euler, DDPM ancestral (fixed or
-learned variance), Heun, RK45 and SiT's Euler–Maruyama SDE sampler.
+learned variance), Heun, RK45, SiT's Euler–Maruyama SDE sampler and, for DDPM, U-ViT's VP-SDE one.
 
 Each sampler walks `formulation.time_grid(...)` (paper time, descending to data) and knows nothing
 about networks: it sees the formulation's α(t), σ(t), their derivatives and the denoiser's (x̂0, ε̂).
@@ -111,6 +111,54 @@ def euler_maruyama(formulation: Formulation, denoise: Denoiser, x: Tensor, grid:
     return x, len(steps)
 
 
+def vp_euler_maruyama(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *,
+                      seeds: Sequence[int] | None = None) -> tuple[Tensor, int]:
+    """Euler–Maruyama on the reverse VP-SDE (Song et al., 2021, Eq. 6) of a DDPM formulation: U-ViT's
+    `euler_maruyama_sde` (`baofff/U-ViT:sde.py` `euler_maruyama`, `ReverseSDE`, `VPSDE`).
+
+    The SDE is the continuous limit of the linear DDPM schedule, β(τ) = β_min + τ·(β_max − β_min) with
+    β_min = T·β_1, β_max = T·β_T (0.1 and 20 for DDPM's 1e-4…0.02, T = 1000: U-ViT's `VPSDE(0.1, 20)`), in
+    τ = t/T for the DDPM step t of the grid. Each step τ → τ' (dτ = τ' − τ < 0), g = √β(τ):
+
+        x' = x + dτ·[−½β(τ)·x − g²·s],   s = −ε̂ / √(1 − exp(−∫₀^τ β)),   then + g·√|dτ|·z
+
+    with no noise on the step to τ = 0. ε̂ is the network's (the DDPM table does not enter). U-ViT's
+    grid [0, linspace(1e-3, 1, 1000)] is τ = k/1000 — ddaepp's 1000-step DDPM grid. The coefficients are
+    evaluated as U-ViT's `VPSDE` evaluates them, in the state's dtype (1 − exp(−∫β), g² = (√β)²), so that
+    float32 sampling reproduces U-ViT's rounding too: with float64 coefficients the samples differ from
+    U-ViT's by ~1e-5 relative, through 1 − exp(−∫β) at small τ. The noise z of step t comes from
+    `per_sample_randn(seeds, stream=t)` as in `ddpm_ancestral`.
+    """
+    if formulation.name != "ddpm":
+        raise ValueError(f"vp_euler_maruyama needs the ddpm formulation, got {formulation.name}")
+    T = formulation.T
+    b_min, b_max = T * float(formulation.betas[1]), T * float(formulation.betas[T])
+    steps = _steps(grid)
+    for t_cur, t_next in steps:
+        pred = denoise(x, _full(t_cur, x))
+        tau = torch.tensor(t_cur / T, dtype=x.dtype, device=x.device)
+        dtau = torch.tensor(t_next / T, dtype=x.dtype, device=x.device) - tau
+        beta = b_min + tau * (b_max - b_min)  # VPSDE.squared_diffusion
+        g = beta**0.5  # VPSDE.diffusion
+        cum_beta = 1.0 - (-(b_min * tau + (b_max - b_min) * tau**2 * 0.5)).exp()  # VPSDE.cum_beta
+        score = -cum_beta.rsqrt() * pred.eps.to(x.dtype)  # ScoreModel.score
+        x = x + (-0.5 * beta * x - g**2 * score) * dtau  # ReverseSDE.drift: f − g²·s
+        if t_next > 0:
+            if seeds is None:
+                z = torch.randn_like(x)
+            else:
+                z = per_sample_randn(seeds, x.shape[1:], device=x.device, dtype=x.dtype, stream=int(round(t_cur)))
+            x = x + g * (-dtau).sqrt() * z
+    return x, len(steps)
+
+
+def sde(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *,
+        seeds: Sequence[int] | None = None) -> tuple[Tensor, int]:
+    """The "sde" sampler: SiT's Euler–Maruyama for RF (`euler_maruyama`), U-ViT's VP-SDE one for DDPM."""
+    step = vp_euler_maruyama if formulation.name == "ddpm" else euler_maruyama
+    return step(formulation, denoise, x, grid, seeds=seeds)
+
+
 def heun(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *, seeds=None) -> tuple[Tensor, int]:
     """EDM's deterministic 2nd-order Heun sampler (Karras et al., 2022, Alg. 1 with S_churn = 0).
 
@@ -169,7 +217,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": ddpm_ancestral,
     "heun": heun,
     "rk45": rk45,
-    "sde": euler_maruyama,
+    "sde": sde,
 }
 
 

@@ -3,7 +3,8 @@
     RUN_DIR/
       recipe.yaml                          the resolved recipe (with the conversions it needs)
       import.json                          the source: file name, sha256, family, key-mapping version,
-                                           conventions converted, every dropped key and why
+                                           conventions converted, every dropped key and why, and the
+                                           published sampling settings applied with the FID they target
       checkpoints/step-NNNNNNN/
         model.safetensors, ema.safetensors the mapped weights (metadata as `train` writes them)
         recipe.yaml
@@ -30,7 +31,7 @@ import torch
 
 from ..atomic import replace_dir
 from ..errors import UsageError, choices
-from . import ddae, lightningdit, sit, uvit
+from . import ddae, lightningdit, published, sit, uvit
 from .common import Mapped, Source, check_against, merge_drops, read_source, sha256
 
 MAPPING_VERSION = 1  # bump when a family's key mapping or a recorded convention changes
@@ -63,8 +64,11 @@ for _name, (_published, _, _, _forms) in sit.FAMILIES.items():
 
 def import_checkpoint(source: str | os.PathLike, *, family: str, recipe, out: str | os.PathLike,
                       weights: str = "ema", vae: str | os.PathLike | None = None,
-                      latent_stats: str | os.PathLike | None = None) -> dict:
-    """Map `source` (a file of `family`) onto `recipe`'s network and write the run folder `out`."""
+                      latent_stats: str | os.PathLike | None = None, explicit: tuple[str, ...] = ()) -> dict:
+    """Map `source` (a file of `family`) onto `recipe`'s network and write the run folder `out`.
+
+    The family's published sampling settings (published.py) become the run's `sample`/`diffusion`
+    defaults, except the keys `explicit` (the user's `--set` overrides) already set."""
     from ..recipe import replace
 
     if family not in FAMILIES:
@@ -86,6 +90,7 @@ def import_checkpoint(source: str | os.PathLike, *, family: str, recipe, out: st
                          f"the recipe has {recipe.diffusion.formulation}")
     if recipe.sra.enabled or recipe.contrastive.enabled:
         raise UsageError("the import recipe must not enable sra or contrastive (their heads are not in the file)")
+    recipe, sampling = published.apply(family, recipe, explicit)
 
     from ..build import build_backbone
 
@@ -122,7 +127,7 @@ def import_checkpoint(source: str | os.PathLike, *, family: str, recipe, out: st
         "family": family, "mapping_version": MAPPING_VERSION, "weights": weights,
         "source": {"file": path.name, "path": str(path.resolve()), "bytes": path.stat().st_size,
                    "sha256": sha256(path), "published": fam.published},
-        "step": source_.step or 0, "recipe_overrides": overrides, "conventions": conventions,
+        "step": source_.step or 0, "recipe_overrides": overrides, "sampling": sampling, "conventions": conventions,
         "mapped_tensors": len(ema_state), "parameters": sum(p.numel() for p in model.parameters()),
         "dropped": {reason: keys for reason, keys in merge_drops(*drops).items()},
         "latents": latent_note,
