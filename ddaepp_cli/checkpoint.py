@@ -142,7 +142,14 @@ def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int, milestones:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """RUN_OR_CKPT → a checkpoint folder: a run folder gives its latest checkpoint."""
+    """RUN_OR_CKPT → a checkpoint folder: a run folder gives its latest checkpoint (with several processes,
+    rank 0's answer: distributed.from_rank0)."""
+    from .distributed import from_rank0
+
+    return from_rank0(lambda: _resolve_checkpoint(path))
+
+
+def _resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise UsageError(f"no such run or checkpoint: {p}")
@@ -163,10 +170,17 @@ def select_checkpoints(path: str | os.PathLike, spec: str | None = None) -> list
 
     spec None / "latest": the latest (or the given checkpoint); "all": every complete checkpoint of
     the run; "100000,200000" or "step-0100000,…": those steps. DDAE++ Tab. 2 reports the best of
-    several checkpoints, so evaluation commands take more than one.
+    several checkpoints, so evaluation commands take more than one. With several processes, rank 0's
+    list (distributed.from_rank0).
     """
+    from .distributed import from_rank0
+
+    return from_rank0(lambda: _select_checkpoints(path, spec))
+
+
+def _select_checkpoints(path: str | os.PathLike, spec: str | None) -> list[Path]:
     if spec is None or spec.strip() in ("", "latest"):
-        return [resolve_checkpoint(path)]
+        return [_resolve_checkpoint(path)]
     p = Path(path)
     if not p.is_dir():
         raise UsageError(f"--checkpoints needs a run folder, got {p}")

@@ -13,12 +13,29 @@ A failure of one process stops every process of the launch with the same message
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
 
 from .failures import world_size  # noqa: F401  (the one definition; re-exported)
+
+T = TypeVar("T")
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """`compute()` on rank 0, its result on every rank: a decision read from files (which checkpoint, which
+    checkpoints) taken once for the launch. Each rank reading a run folder itself could get another answer
+    while a training run writes or prunes checkpoints there, and lists of other lengths mean other numbers
+    of collectives. A collective when several processes have a process group (every rank must call it);
+    `compute()` itself otherwise. An exception on rank 0 stops the others (failures.py)."""
+    import torch.distributed as td
+
+    if world_size() <= 1 or not (td.is_available() and td.is_initialized()):
+        return compute()
+    box = [compute() if td.get_rank() == 0 else None]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class Dist:

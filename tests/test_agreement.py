@@ -313,3 +313,28 @@ def test_one_rank_fails_every_rank_stops_with_one_line_and_resumes(tmp_path):
         assert {s: v for s, v in before.items() if v is not None and s < max(before)} == \
             {s: final[s] for s, v in before.items() if v is not None and s < max(before)}
     assert final[1] is None and all(v is not None for s, v in final.items() if s > 1)  # step 1: the overflow
+
+
+@pytest.mark.slow
+def test_ranks_take_rank_zeros_view_of_files(tmp_path):
+    """Checkpoint lists (`--checkpoints`, the latest checkpoint) and the data-set size are read by every
+    rank; with a training run writing into the folder (or a cache rewritten) the ranks could see different
+    things. Rank 0's list is every rank's; different data-set sizes are refused by every rank in one line
+    (tests/mp_helpers/rank_views.py)."""
+    from test_multiprocess import torchrun
+
+    run = tmp_path / "run"
+    for name in ("step-0000010", ".old-step-0000020-4242"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY.replace("channels: 64", "channels: 32").replace("ch_mults: [1, 2]", "ch_mults: [1]")
+                      .replace("attn_resolutions: [4]", "attn_resolutions: []"))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = torchrun(run, recipe, out, script=HELPERS / "rank_views.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = (json.loads((out / f"rank-{k}.json").read_text()) for k in (0, 1))
+    assert a["listed"] == b["listed"] == ["step-0000010", ".old-step-0000020-4242"]  # rank 0's list
+    assert a["latest"] == b["latest"] == "step-0000030"
+    assert a["train_error"] == b["train_error"] and "data sets of different sizes (1442, 1412 images" in a["train_error"]
+    assert not (out / "train-run" / "checkpoints").exists()  # refused before training

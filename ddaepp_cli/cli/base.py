@@ -183,8 +183,7 @@ def handle_errors(fn, name: str | None = None):
         except DdaeppError as e:
             _exit(e.exit_code, f"error: {e}", every_rank=e.exit_code != 2, wait=not getattr(e, "peer_lost", False))
         except KeyboardInterrupt:
-            print(interrupted_message(name), file=sys.stderr)
-            raise typer.Exit(130)
+            _exit(130, interrupted_message(name))
         except OSError as e:  # a user-given path that cannot be used (`--run-dir a_file/sub`, `/proc/x`)
             if e.filename is None:
                 _unexpected(e)

@@ -51,7 +51,10 @@ def over_checkpoints(run_or_ckpt: str, spec: str | None, evaluate: Callable[[str
     """`evaluate` on every checkpoint `spec` selects; one checkpoint returns its result unchanged, several
     a summary {checkpoints: [...], best: {...}} with every full result under `results`."""
     from ..checkpoint import checkpoint_step, select_checkpoints
+    from ..distributed import Dist, world_size
 
+    if world_size() > 1:
+        Dist()  # the process group first: every rank then evaluates rank 0's list (select_checkpoints)
     ckpts = select_checkpoints(run_or_ckpt, spec)
     if len(ckpts) == 1:
         return evaluate(str(ckpts[0]))

@@ -232,6 +232,13 @@ def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe
     resume_from = _resume_point(run_dir, recipe, allow_recipe_change=allow_recipe_change,
                                 main=accelerator.is_main_process, world=world)
     dataset = load_training_data(recipe)
+    if world > 1:  # each rank read the data itself: the plan (steps, epochs) must be every rank's
+        from accelerate.utils import gather_object
+
+        sizes = gather_object([len(dataset)])
+        if len(set(sizes)) > 1:
+            raise UsageError(f"the processes see data sets of different sizes ({', '.join(map(str, sizes))} "
+                             f"images by rank): is {recipe.data.root or 'the data folder'} being rewritten?")
     plan = make_plan(recipe, world, len(dataset), max_steps)
     if recipe.train.compile and device.type == "cpu":  # benchmarks/group_train.py: compile loses on CPU
         info("warning: train.compile on a CPU: the UNet step measured 0.83-0.88x the speed of eager after "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import inception
-from ...distributed import Dist
+from ...distributed import Dist, from_rank0
 from ...errors import UnavailableError, UsageError, choices
 from .constants import (DIM, FEATURES, LOGITS, PRESETS, PROTOCOLS, REGISTERED, RESIZE_POLICY, SPATIAL,
                         TORCH_FIDELITY_ONLY)
@@ -230,6 +230,8 @@ def fid(samples_or_run: str, *, ref: str | None = None, metrics: str | None = No
     from ..features import pick_device
 
     dist = Dist(pick_device(device) if device else None)
+    if p.checkpoints:  # listed by each rank before the process group existed: rank 0's list for every rank
+        p.checkpoints = from_rank0(lambda: p.checkpoints)
     tf_layers = [name for name in p.layers if name != SPATIAL]
     extractor = inception.load_extractor(weights_path, tf_layers, device=dist.device, dtype=extractor_dtype)
     ext_info = inception.describe(weights_path, extractor_dtype)
