@@ -1,5 +1,7 @@
 """Reference networks for the import tests, written from the families' published code (module names,
-nesting and forward semantics), independent of ddaepp's backbones and of its importers.
+nesting and forward semantics), independent of ddaepp's backbones and of its importers. They hold the
+weights of the files built from tests/manifests/ (the DDAE UNet and U-ViT load them strictly, so their
+key layout is checked against what the official code writes) or compute the forward from them.
 
 * `DDAEUNet` — FutureXiang/ddae model/unet.py + model/block.py (names: image_proj, time_emb.{aug_emb,
   lin1, lin2}, down.i / up.i with res.{norm1, conv1, time_emb.1, norm2, conv2.1, shortcut} and
@@ -7,10 +9,10 @@ nesting and forward semantics), independent of ddaepp's backbones and of its imp
   norm, final), with DDAE's forward.
 * `UViT` — baofff/U-ViT libs/uvit.py (patch_embed.proj, pos_embed, in/mid/out blocks with timm Mlp
   fc1/fc2, skip_linear, norm, decoder_pred, final_layer), with its forward.
-* `lightningdit_state_dict` — hustvl/LightningDiT models/lightningdit.py key names and shapes,
-  including EVA's persistent RoPE tables, computed here as EVA's VisionRotaryEmbeddingFast does.
-* `sit_state_dict` / `dit_forward` — the original DiT (facebookresearch/DiT models.py) key names and
-  shapes, shared by SiT, REPA and SRA, and DiT's forward computed from the state dict.
+* `lightningdit_forward` — LightningDiT's forward (models/lightningdit.py) computed from its state dict;
+  `eva_rope_tables` — EVA's RoPE tables as VisionRotaryEmbeddingFast computes them.
+* `dit_forward` — the original DiT's forward (facebookresearch/DiT models.py; SiT, REPA and SRA the same)
+  computed from its state dict; `mae_sincos_pos_embed` — its frozen sin-cos positions.
 """
 
 from __future__ import annotations
@@ -162,14 +164,6 @@ class DDAEUNet(nn.Module):
         return self.final(F.silu(self.norm(x)))
 
 
-class DDAEWrapper(nn.Module):
-    """DDAE's DDPM / EDM module: the UNet lives at `nn_model`."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.nn_model = unet
-
-
 def ddae_edm_denoise(unet, x, sigma, sigma_data=0.5, aug=None):
     """ddae model/EDM.py D_x: c_skip·x + c_out·F(c_in·x, ln σ / 4)."""
     s = sigma.reshape(-1, 1, 1, 1)
@@ -261,7 +255,7 @@ class UViT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# LightningDiT (layout only) and the EVA RoPE tables
+# LightningDiT's EVA RoPE tables
 # ------------------------------------------------------------------------------------------------
 
 
@@ -273,40 +267,6 @@ def eva_rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tenso
     f = torch.einsum("i,f->if", t, freqs).repeat_interleave(2, dim=-1)  # (grid, dim) "(n r)"
     f = torch.cat((f[:, None, :].expand(grid, grid, dim), f[None, :, :].expand(grid, grid, dim)), dim=-1)
     return f.cos().reshape(-1, head_dim), f.sin().reshape(-1, head_dim)
-
-
-def lightningdit_state_dict(*, width=64, depth=2, heads=2, in_ch=4, grid=4, patch=1, num_classes=10,
-                            seed=0, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
-    """Random tensors under LightningDiT's key names and shapes (SwiGLU, RMSNorm, RoPE, no qk-norm);
-    `device="meta"` gives the layout without memory (the RoPE tables stay real: they are checked)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        if device == "meta":
-            return torch.empty(*shape, device="meta", dtype=dtype)
-        return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
-
-    hidden = int(2 / 3 * 4 * width)
-    sd = {"x_embedder.proj.weight": r(width, in_ch, patch, patch), "x_embedder.proj.bias": r(width),
-          "t_embedder.mlp.0.weight": r(width, 256), "t_embedder.mlp.0.bias": r(width),
-          "t_embedder.mlp.2.weight": r(width, width), "t_embedder.mlp.2.bias": r(width),
-          "y_embedder.embedding_table.weight": r(num_classes + 1, width),
-          "pos_embed": r(1, grid * grid, width)}
-    cos, sin = eva_rope_tables(width // heads, grid)
-    sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"] = cos, sin
-    for i in range(depth):
-        b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": 1 + r(width), b + "norm2.weight": 1 + r(width),
-                   b + "attn.qkv.weight": r(3 * width, width), b + "attn.qkv.bias": r(3 * width),
-                   b + "attn.proj.weight": r(width, width), b + "attn.proj.bias": r(width),
-                   b + "mlp.w12.weight": r(2 * hidden, width), b + "mlp.w12.bias": r(2 * hidden),
-                   b + "mlp.w3.weight": r(width, hidden), b + "mlp.w3.bias": r(width),
-                   b + "adaLN_modulation.1.weight": r(6 * width, width), b + "adaLN_modulation.1.bias": r(6 * width)})
-    sd.update({"final_layer.norm_final.weight": 1 + r(width),
-               "final_layer.linear.weight": r(patch * patch * in_ch, width), "final_layer.linear.bias": r(in_ch),
-               "final_layer.adaLN_modulation.1.weight": r(2 * width, width),
-               "final_layer.adaLN_modulation.1.bias": r(2 * width)})
-    return sd
 
 
 def mae_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -323,38 +283,6 @@ def mae_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
         return torch.cat([a.sin(), a.cos()], dim=1)
 
     return torch.cat([one(cols), one(rows)], dim=1).float()[None]
-
-
-def sit_state_dict(*, width=64, depth=2, in_ch=4, grid=4, patch=2, num_classes=10, learn_sigma=False, seed=0,
-                   device="cpu") -> dict[str, torch.Tensor]:
-    """Random tensors under the original DiT/SiT key names (DiT models.py, SiT models.py, REPA models/sit.py,
-    SRA models/{sit,dit}.py: timm PatchEmbed / Attention / Mlp, affine-free LayerNorms, a label table with
-    the null-class row, the frozen sin-cos `pos_embed`); `learn_sigma` doubles the output channels (DiT).
-    `device="meta"` gives the layout without memory (`pos_embed` stays real: it is checked)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        if device == "meta":
-            return torch.empty(*shape, device="meta")
-        return torch.randn(*shape, generator=g) * 0.05
-
-    out = patch * patch * in_ch * (2 if learn_sigma else 1)
-    sd = {"x_embedder.proj.weight": r(width, in_ch, patch, patch), "x_embedder.proj.bias": r(width),
-          "t_embedder.mlp.0.weight": r(width, 256), "t_embedder.mlp.0.bias": r(width),
-          "t_embedder.mlp.2.weight": r(width, width), "t_embedder.mlp.2.bias": r(width),
-          "y_embedder.embedding_table.weight": r(num_classes + 1, width),
-          "pos_embed": mae_sincos_pos_embed(width, grid)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        sd.update({b + "attn.qkv.weight": r(3 * width, width), b + "attn.qkv.bias": r(3 * width),
-                   b + "attn.proj.weight": r(width, width), b + "attn.proj.bias": r(width),
-                   b + "mlp.fc1.weight": r(4 * width, width), b + "mlp.fc1.bias": r(4 * width),
-                   b + "mlp.fc2.weight": r(width, 4 * width), b + "mlp.fc2.bias": r(width),
-                   b + "adaLN_modulation.1.weight": r(6 * width, width), b + "adaLN_modulation.1.bias": r(6 * width)})
-    sd.update({"final_layer.linear.weight": r(out, width), "final_layer.linear.bias": r(out),
-               "final_layer.adaLN_modulation.1.weight": r(2 * width, width),
-               "final_layer.adaLN_modulation.1.bias": r(2 * width)})
-    return sd
 
 
 def _linear(sd: dict[str, torch.Tensor], h: torch.Tensor, name: str) -> torch.Tensor:

@@ -26,6 +26,15 @@ Conventions:
   x_t = (1 − t)·x0 + t·ε, v = ε − x0, so the import sets `diffusion.net_convention: sit` (1 − t in, −v out).
 * REPA and SRA-SiT (REPA:loss.py and SRA:SiT-SRA/loss.py `interpolant`, path "linear"): x_t =
   (1 − t)·x + t·ε, target ε − x, the network gets t — ddaepp's own RF convention; nothing converted.
+* SiT's learned Σ (willisma/SiT models.py `learn_sigma=True` by default; train.py keeps that default and
+  the released `SiT-XL-2-256x256.pt` is built with it, sample.py `learn_sigma = image_size == 256`): the
+  final layer has 2C outputs per pixel, but SiT's forward keeps only the first C channels
+  (`x, _ = x.chunk(2, dim=1)` after unpatchify) and its transport never reads the rest. Unpatchify reshapes
+  each token's p·p·2C outputs as (p, p, 2C), channel fastest, so the unused outputs are the rows r of
+  `final_layer.linear` with r mod 2C ≥ C — not the second half of the rows. The import drops them (listed
+  in import.json) and maps the rest onto ddaepp's C-channel RF network, whose output then equals SiT's
+  forward. (REPA's and SRA's SiT, models/sit.py, have `out_channels = in_channels`: no learned Σ; DiT and
+  DiT-SRA keep theirs under DDPM, `model.learn_sigma: true`.)
 * Latents: all four train on SD-VAE latents z·0.18215 (DiT sample.py decodes samples / 0.18215; REPA and
   SRA train.py `latents_scale` 0.18215): the import sets `data.latent_scale: 0.18215`.
 """
@@ -54,10 +63,27 @@ BACKBONES = ("dit_orig",)
 SD_VAE_SCALE = 0.18215  # DiT sample.py `vae.decode(samples / 0.18215)`; REPA/SRA train.py latents_scale
 
 
+UNUSED_SIGMA = ("sit",)  # families whose forward discards a learned-Σ half (module doc)
+FINAL = "final_layer.linear."
+
+
 def extract_for(family: str):
     _, heads, reason, _ = FAMILIES[family]
 
     def extract(obj, path: Path, weights: str) -> Source:
+        src = _extract(obj, path, weights)
+        if family in UNUSED_SIGMA:
+            for which in ("ema", "raw"):
+                sd = getattr(src, which)
+                if sd is not None:
+                    where = "" if is_state_dict(obj) else ("ema/" if which == "ema" else "model/")
+                    sd, drop = drop_unused_sigma(sd, where)
+                    setattr(src, which, sd)
+                    for why, keys in drop.items():
+                        src.dropped.setdefault(why, []).extend(keys)
+        return src
+
+    def _extract(obj, path: Path, weights: str) -> Source:
         if is_state_dict(obj):  # a released file: the EMA network alone
             sd = strip_prefix(obj, WRAPPERS)
             dropped = {}
@@ -75,6 +101,27 @@ def extract_for(family: str):
         return extract_dict(obj, path, family, heads, reason)
 
     return extract
+
+
+def drop_unused_sigma(sd: dict, where: str = "") -> tuple[dict, dict[str, list[str]]]:
+    """A learned-Σ SiT state dict → the C-output network SiT's forward computes (module doc), and the drop.
+
+    C and p come from the patch embedding (x_embedder.proj.weight: D × C × p × p); a final layer with
+    p²·2C outputs keeps the rows r with r mod 2C < C (weight rows and bias entries). Other layouts pass."""
+    emb, w, b = sd.get("x_embedder.proj.weight"), sd.get(FINAL + "weight"), sd.get(FINAL + "bias")
+    if emb is None or w is None or b is None or emb.ndim != 4 or w.ndim != 2 or b.ndim != 1:
+        return sd, {}
+    c, p = emb.shape[1], emb.shape[2]
+    rows = w.shape[0]
+    if rows != 2 * p * p * c or b.shape[0] != rows:
+        return sd, {}
+    keep = torch.arange(rows)
+    keep = keep[keep.remainder(2 * c) < c]  # per token (p, p, 2C), channel fastest: the first C of each pixel
+    sd = dict(sd)
+    sd[FINAL + "weight"], sd[FINAL + "bias"] = (t.index_select(0, keep.to(t.device)) for t in (w, b))
+    why = (f"SiT learned-Σ outputs its forward discards (unpatchify, then x.chunk(2, dim=1)): the rows r of "
+           f"{FINAL}weight and bias with r mod {2 * c} ≥ {c} ({rows // 2} of {rows})")
+    return sd, {why: [f"{where}{FINAL}weight", f"{where}{FINAL}bias"]}
 
 
 def _wants_sit_time(family: str) -> bool:
