@@ -154,7 +154,9 @@ def stop_together(code: int, text: str, *, wait: bool = True) -> tuple[int, str]
 
 
 def lost_peer(exc: BaseException) -> bool:
-    """Whether `exc` says another process of the launch went away (a collective's connection closed)."""
+    """Whether `exc` says another process of the launch went away (a collective's connection closed:
+    torch raises RuntimeError or its subclass DistError)."""
     text = str(exc)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                                   "NCCL communicator was aborted", "remote process exited"))
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+        "remote process exited"))

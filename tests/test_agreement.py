@@ -234,6 +234,28 @@ def test_an_overflow_is_skipped_uncounted_and_backs_the_scale_off(fp16_state):
 # One rank fails: every rank stops, with one line; the re-run resumes exactly (torchrun, gloo)
 # ------------------------------------------------------------------------------------------------
 
+
+def test_the_first_failure_published_is_every_processs_line(monkeypatch, capsys):
+    """failures.py's protocol on an in-memory store: the first published (code, line) wins; a process that
+    fails later prints that one, and the publisher waits until every process has printed it."""
+    from torch.distributed import HashStore
+
+    from ddaepp_cli import failures
+
+    store = HashStore()
+    first, later = failures._Channel(store, 0, 2), failures._Channel(store, 1, 2)
+    assert first.publish(1, "error: rank 0 failed") == (1, "error: rank 0 failed")
+    monkeypatch.setattr(failures, "_channel", later)
+    monkeypatch.setattr(failures, "world_size", lambda: 2)
+    monkeypatch.setattr(failures.signal, "signal", lambda *a: None)  # keep pytest's own handlers
+    acked = threading.Timer(0.3, lambda: first.ack_and_wait(False))  # rank 0 prints it 0.3 s later
+    acked.start()
+    t0 = time.monotonic()
+    assert failures.stop_together(2, "error: rank 1 failed too") == (1, "error: rank 0 failed")
+    assert 0.25 < time.monotonic() - t0 < failures.ACK_WAIT_S  # waited for rank 0's acknowledgement
+    assert capsys.readouterr().err == "error: rank 0 failed\n"
+    assert int(store.add("acks", 0)) == 2
+
 STEPS = 14
 CHAIN = [  # run k resumes what run k-1 left; rank 1 alone gets each fault (training/faults.py; steps from 0)
     # an fp16 overflow at step 0 (skipped, not counted), then NaN losses past train.max_nonfinite = 2
