@@ -364,22 +364,36 @@ def test_explicit_set_wins_over_published_settings(tmp_path, monkeypatch):
     assert r2["overrides"] and all(not o.startswith("sample.") for o in r2["overrides"])
 
 
-def test_import_command_passes_set_as_explicit(monkeypatch, tmp_path):
-    """`ddaepp import --set K=V` hands its overrides to import_checkpoint, so they win there."""
+def test_import_command_applies_published_settings_and_keeps_set(monkeypatch, tmp_path):
+    """`ddaepp import … --set sample.cfg_scale=4.0`: the published settings apply, the user's key wins, and
+    the command says what it set."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
     import ddaepp_cli.importers as importers
     from conftest import cli_inprocess
+    from ddaepp_cli.build import build_backbone
+    from ddaepp_cli.cli.base import resolve_recipe_path
+    from ddaepp_cli.importers.common import Source, rename
+    from ddaepp_cli.sample import load_model
 
-    seen = {}
-
-    def fake(source, **kw):
-        seen.update(kw)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(importers, "import_checkpoint", fake)
-    (tmp_path / "x.pt").write_bytes(b"")  # never read: the importer is replaced
-    r = cli_inprocess("import", tmp_path / "x.pt", "--from", "sit", "--recipe", "imagenet256_sra_sitxl", "--out",
-                  tmp_path / "run", "--set", "sample.cfg_scale=4.0")
-    assert seen.get("explicit") == ("sample.cfg_scale=4.0",), r.output
+    fam = importers.FAMILIES["sit"]
+    rec = load_recipe(resolve_recipe_path("imagenet256_sra_sitxl"), DIT)
+    model = build_backbone(replace(rec, fam.overrides(rec)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "src.safetensors"))
+    monkeypatch.setitem(importers.FAMILIES, "sit", dataclasses.replace(  # the file holds ddaepp's own keys
+        fam, extract=lambda obj, path, weights: Source(ema=obj, raw=None),
+        convert=lambda sd, net, path: rename(sd, lambda k: k)))
+    sets = [a for kv in DIT + ["sample.cfg_scale=4.0"] for a in ("--set", kv)]
+    r = cli_inprocess("import", tmp_path / "src.safetensors", "--from", "sit", "--recipe", "imagenet256_sra_sitxl",
+                      "--out", tmp_path / "run", *sets)
+    assert r.returncode == 0, r.output
+    rec = load_model(tmp_path / "run")[0]
+    assert (rec.sample.cfg_scale, rec.sample.cfg_channels, rec.sample.cfg_interval) == (4.0, "first3", (0.0, 1.0))
+    assert "sampling as published: sample.sampler=sde" in r.stderr and "targets FID 2.06" in r.stderr
+    record = json.loads((tmp_path / "run" / "import.json").read_text())["sampling"]
+    assert record["kept_from_set"] == ["sample.cfg_scale"] and record["published_fid"] == 2.06
 
 
 def test_vp_sde_sampler_is_uvit_euler_maruyama():

@@ -46,4 +46,9 @@ def import_cmd(
         print(f"  dropped {len(keys)}: {reason}", file=sys.stderr)
     for c in result["conventions"]:
         print(f"  converted: {c}", file=sys.stderr)
+    sampling = result.get("sampling") or {}
+    if sampling.get("overrides"):
+        fid = sampling.get("published_fid")
+        target = f"; targets FID {fid} ({sampling['target']})" if fid else ""
+        print(f"  sampling as published: {', '.join(sampling['overrides'])}{target}", file=sys.stderr)
     print(result["run"])
