@@ -20,7 +20,7 @@ find a tiny reference in ADM's layout where fid looks for ADM's batch ($DDAEPP_C
 profile-layers takes no default candidates: it tries the tiny recipe's self-conditioning layer for 2 steps.
 
     python tests/conformance.py --print            # run the whole matrix here (~3 CPU-minutes), print it
-    python tests/conformance.py --print --from DIR # the table from the rows a pytest run wrote (test_conformance.py)
+    python tests/conformance.py --print --from DIR # the table from the cells a pytest run wrote (test_conformance.py)
     python tests/conformance.py --families         # the family of every shipped recipe
 """
 from __future__ import annotations
@@ -382,25 +382,39 @@ def family_commands(rec, recipe_path: Path, sets: list[str], work: Path, shared:
     }
 
 
-def run_family(name: str, shared: Shared, work: Path, log: Callable[[str], None] = lambda s: None, *,
-               commands: tuple[str, ...] = COMMANDS, fid_extractor: tuple[str, ...] = FID) -> dict:
-    """Train the family's tiny representative, resume it, run every command; {command: cell} where a cell is
-    {"answer": ok | refused | FAIL, "detail": ..., "seconds": wall, "cpu": process seconds}."""
-    from ddaepp_cli.recipe import load_recipe
+class FamilyRun:
+    """A family's tiny representative, trained and resumed once; `cell(command)` runs one more command on it."""
 
-    spec = FAMILIES[name]
-    recipe_path = RECIPES_DIR / f"{spec['representative']}.yaml"
-    rec = load_recipe(recipe_path)
-    sets = tiny_overrides(rec, shared)
-    work.mkdir(parents=True, exist_ok=True)
-    cmds = family_commands(rec, recipe_path, sets, work, shared, fid_extractor)
-    ctx = {"run": work / "run", "n_sample": 4}
-    row: dict[str, dict] = {}
-    for command in commands:
-        a = _invoke(cmds[command], shared.env)
+    def __init__(self, name: str, shared: Shared, work: Path, *, fid_extractor: tuple[str, ...] = FID,
+                 log: Callable[[str], None] = lambda s: None):
+        from ddaepp_cli.recipe import load_recipe
+
+        self.name, self.shared, self.log = name, shared, log
+        recipe_path = RECIPES_DIR / f"{FAMILIES[name]['representative']}.yaml"
+        rec = load_recipe(recipe_path)
+        work.mkdir(parents=True, exist_ok=True)
+        self.cmds = family_commands(rec, recipe_path, tiny_overrides(rec, shared), work, shared, fid_extractor)
+        self.ctx = {"run": work / "run", "n_sample": 4}
+        self.cells: dict[str, dict] = {}
+        for command in ("train", "resume"):
+            self.cell(command)
+
+    @property
+    def trained(self) -> bool:
+        return all(self.cells[c]["answer"] == OK for c in ("train", "resume"))
+
+    def cell(self, command: str) -> dict:
+        """{"answer": ok | refused | FAIL, "detail": ..., "seconds": wall, "cpu": process seconds} of one command."""
+        if command in self.cells:
+            return self.cells[command]
+        if command not in ("train", "resume") and not self.trained:
+            cell = {"answer": "FAIL", "detail": "no trained run (train or resume failed)", "seconds": 0, "cpu": 0}
+            self.cells[command] = cell
+            return cell
+        a = _invoke(self.cmds[command], self.shared.env)
         if a.code == 0:
             try:
-                detail = _check_json(command, json.loads(a.stdout), ctx)
+                detail = _check_json(command, json.loads(a.stdout), self.ctx)
             except Exception as e:  # noqa: BLE001  not one JSON object, or missing keys
                 detail = f"unreadable --json output ({type(e).__name__}: {e}): {a.stdout[-300:]!r}"
             cell = {"answer": OK if detail is None else "FAIL", "detail": detail}
@@ -410,12 +424,23 @@ def run_family(name: str, shared: Shared, work: Path, log: Callable[[str], None]
             tail = a.stderr[-3:] or [repr(a.exception)]
             cell = {"answer": "FAIL", "detail": f"exit {a.code}: " + " | ".join(tail)}
         cell["seconds"], cell["cpu"] = round(a.seconds, 2), round(a.cpu, 2)
-        row[command] = cell
+        self.cells[command] = cell
         why = "" if cell["answer"] == OK else f": {cell['detail']}"
-        log(f"{name} {command}: {cell['answer']} ({cell['seconds']} s, cpu {cell['cpu']} s){why}")
-        if command == "train" and cell["answer"] != OK:
-            break  # nothing to evaluate
-    return row
+        self.log(f"{self.name} {command}: {cell['answer']} ({cell['seconds']} s, cpu {cell['cpu']} s){why}")
+        return cell
+
+
+def run_family(name: str, shared: Shared, work: Path, log: Callable[[str], None] = lambda s: None, *,
+               commands: tuple[str, ...] = COMMANDS, fid_extractor: tuple[str, ...] = FID) -> dict:
+    """Every command of `commands` on the family's tiny run: {command: cell} (FamilyRun.cell)."""
+    run = FamilyRun(name, shared, work, fid_extractor=fid_extractor, log=log)
+    return {c: run.cell(c) for c in commands}
+
+
+def expected_answer(name: str, command: str) -> str:
+    """ok or refused; an xfail cell is expected to be ok and known to FAIL."""
+    want = FAMILIES[name]["expected"][command]
+    return OK if isinstance(want, tuple) else want
 
 
 def mismatches(name: str, row: dict, commands: tuple[str, ...] = COMMANDS) -> list[str]:
@@ -464,25 +489,31 @@ def markdown(rows: dict[str, dict]) -> str:
     return out + "\n"
 
 
-def write_row(folder: Path, name: str, row: dict) -> Path:
-    """One family's row as JSON in `folder`, and the table of every row there so far (matrix.md)."""
+def cell_file(folder: Path, name: str, command: str) -> Path:
+    return folder / f"{name.replace('/', '_')}__{command}.json"
+
+
+def write_cell(folder: Path, name: str, command: str, cell: dict, *, table: bool = False) -> Path:
+    """One cell as JSON in `folder`; with `table`, also matrix.md of every cell there so far."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (name.replace("/", "_") + ".json")
+    path = cell_file(folder, name, command)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"family": name, "row": row}, indent=1))
+    tmp.write_text(json.dumps({"family": name, "command": command, "cell": cell}, indent=1))
     tmp.replace(path)
-    table = folder / "matrix.md"
-    tmp = table.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(markdown(read_rows(folder)))
-    tmp.replace(table)
+    if table:
+        md = folder / "matrix.md"
+        tmp = md.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(markdown(read_rows(folder)))
+        tmp.replace(md)
     return path
 
 
 def read_rows(folder: Path) -> dict[str, dict]:
-    rows = {}
-    for p in sorted(folder.glob("*.json")):
+    """{family: {command: cell}} from the cell files in `folder`."""
+    rows: dict[str, dict] = {}
+    for p in sorted(folder.glob("*__*.json")):
         d = json.loads(p.read_text())
-        rows[d["family"]] = d["row"]
+        rows.setdefault(d["family"], {})[d["command"]] = d["cell"]
     return rows
 
 
@@ -519,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                                     log=lambda s: print(s, file=sys.stderr))
             print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             if args.out:
-                write_row(args.out, name, rows[name])
+                for c, cell in rows[name].items():
+                    write_cell(args.out, name, c, cell, table=c == COMMANDS[-1])
     print(markdown(rows), end="")
     return 0 if all(not mismatches(n, r) for n, r in rows.items()) else 1
 
