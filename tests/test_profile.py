@@ -61,3 +61,16 @@ def test_backbone_without_selfcond_layer_exits_2(tmp_path):
 
 def test_window_mean():
     assert window_mean([4.0, 3.0, 2.0, 1.0], 0.5) == 1.5 and window_mean([5.0], 0.1) == 5.0
+
+
+def test_contrastive_recipe_without_its_layer_is_refused_before_any_run(tmp_path):
+    # contrastive.layer unset follows the self-conditioning layer; the baseline run has none, so the recipe's
+    # own check would stop the baseline mid-profile with a message about the recipe, not about profiling
+    from conftest import cli_inprocess
+
+    r = cli_inprocess("profile-layers", "cifar10_edm_ddpm_sc_aug_cl", "--candidates", "out_6,out_7", "--steps", "2",
+                      "--run-dir", tmp_path / "x")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.output
+    assert "profile-layers" in lines[0] and "--set contrastive.layer=" in lines[0]
+    assert not (tmp_path / "x").exists()

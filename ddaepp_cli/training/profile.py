@@ -79,6 +79,12 @@ def profile_layers(recipe: Recipe, spec: str, run_dir: str | Path, *, steps: int
         raise UsageError("give exactly one of --steps N or --epochs E")
     if not 0.0 < window <= 1.0:
         raise UsageError(f"--window must be in (0, 1], got {window}")
+    if recipe.contrastive.enabled and recipe.contrastive.layer is None:
+        # contrastive.layer unset follows model.selfcond.layer, which the baseline run does not have
+        raise UsageError("profile-layers: contrastive.layer follows the self-conditioning layer, which the "
+                         "baseline run has none of; fix it for every run with --set contrastive.layer=LAYER "
+                         "(e.g. out_7), or profile the recipe without Aug + CL (DDAE++ Sec. 4.1 chooses the "
+                         "layer before adding them)")
     layers = candidate_layers(recipe, spec)
     if epochs is not None:
         if epochs <= 0:
