@@ -1,12 +1,16 @@
 """`ddaepp import` records each family's published sampler; `sample` at the imported run's defaults runs it.
 
-For every family, the run is set up exactly as `import_checkpoint` sets it up (the shipped recipe, the
-family's recipe overrides, then `importers/published.py`) on a tiny network with random weights; then
-`sample_command` — the `ddaepp sample` entry — runs at the run's defaults. Its sampler output is compared
-with a reference written here, independently, from each official sampler's algorithm (files cited), with
-the official settings as constants, the same network (called in the official convention), the same
-labels and the same noise (ddaepp's per-seed streams). The reference with one setting changed (what the
-README recommended before, or a neighbouring value) must differ: each check can fail.
+For every family, the source file is the family's own file layout, built by manifest_files.py from its
+manifest in tests/manifests/ (the small size: what the official train.py or released file holds, real
+random weights), and `import_checkpoint` — the `ddaepp import` entry — reads it onto the shipped recipe
+with the manifest's small network set by `--set` (the family's recipe overrides and
+`importers/published.py` applied as for any user). Then `sample_command` — the `ddaepp sample` entry —
+runs at the run's defaults. Its sampler output is compared with a reference written here, independently,
+from each official sampler's algorithm (files cited), with the official settings as constants, the same
+network (the imported one, called in the official convention: time input, output convention; its forward
+equals each family's forward in tests/test_import.py), the same labels and the same noise (ddaepp's
+per-seed streams). The reference with one setting changed (what the README recommended before, or a
+neighbouring value) must differ: each check can fail.
 
 The official code itself was run against `ddaepp sample` outside this repository (tiny official networks,
 files as their train.py saves them, noise injected): max relative differences 2e-7 … 2e-6, U-ViT bitwise,
@@ -16,6 +20,7 @@ DDAE DDPM 8e-5 at a few pixels (its float32 ᾱ table); see the README's "Releas
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +29,10 @@ import torch
 from ddaepp_cli.recipe import load_recipe, replace
 from ddaepp_cli.seeding import per_sample_randn
 
+import manifest_files as M
+
+torch.set_num_threads(1)
+
 SEEDS = [3, 8]
 # Relative to the largest |value|: float32 arithmetic in another order. DDAE builds its DDIM ᾱ table and
 # steps in float32 (ddaepp's table is float64); at t = 991 x̂0 = (x − σ·ε̂)/α amplifies rounding ×1/α ≈ 150.
@@ -31,44 +40,31 @@ TOL = {"default": 5e-6, "ddae_ddpm": 1e-4}
 NC = 10  # tiny class-conditional models; the null label is NC
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights around a working point (norm scales ≈ 1); a strong time embedding so that the
-    time grid shows in the samples; the frozen sin-cos positions kept."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "pos_embed":
-                continue
-            unit = 1.0 if name.endswith("weight") and p.ndim == 1 else 0.0
-            std = 0.5 if name.startswith(("t_embedder", "time_emb")) else 0.1
-            p.copy_(torch.randn(p.shape, generator=g) * std + unit)
-    return model.eval().requires_grad_(False)
+def source_file(folder: Path, source: tuple, seed: int) -> Path:
+    """The family's file: (manifest, variant, layout, size) of tests/manifests/, written by manifest_files.py
+    as the official code writes it (random weights: deterministic per key path and `seed`)."""
+    name, variant, layout, size = source
+    m = M.load(name)
+    m = m["variants"][variant] if variant else m
+    files = M.write(m["layouts"][layout]["sizes"][size], folder, seed=seed)
+    assert len(files) == 1, sorted(files)
+    return next(iter(files.values()))
 
 
-def imported_run(tmp_path, monkeypatch, family: str, recipe: str, sets: list[str], seed: int, explicit=()):
-    """`ddaepp import --from FAMILY --recipe RECIPE --set SETS --set EXPLICIT` through `import_checkpoint`,
-    for a random network: only reading the family's file layout is replaced (the file holds ddaepp's own
-    keys; the layouts are tests/test_import.py's subject), everything after it — the family's recipe
-    overrides, the published sampling settings, the run folder — is the importer's."""
-    import dataclasses
-
-    from safetensors.torch import save_file
-
-    import ddaepp_cli.importers as importers
-    from ddaepp_cli.build import build_backbone
+def imported_run(tmp_path, case: str, *, seed: int, explicit=()):
+    """`ddaepp import SOURCE --from FAMILY --recipe RECIPE --set SETS --set EXPLICIT` through
+    `import_checkpoint` (the command passes every `--set` as explicit), SOURCE the family's file built from
+    its manifest; returns (run, the `sampling` record, the imported network)."""
     from ddaepp_cli.cli.base import resolve_recipe_path
-    from ddaepp_cli.importers.common import Source, rename
+    from ddaepp_cli.importers import import_checkpoint
+    from ddaepp_cli.sample import load_model
 
-    fam = importers.FAMILIES[family]
-    rec = load_recipe(resolve_recipe_path(recipe), list(sets) + list(explicit))
-    model = randomize(build_backbone(replace(rec, fam.overrides(rec))), seed)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "source.safetensors"))
-    monkeypatch.setitem(importers.FAMILIES, family, dataclasses.replace(
-        fam, extract=lambda obj, path, weights: Source(ema=obj, raw=None),
-        convert=lambda sd, net, path: rename(sd, lambda k: k)))
-    res = importers.import_checkpoint(tmp_path / "source.safetensors", family=family, recipe=rec,
-                                      out=tmp_path / "run", explicit=tuple(explicit))
-    return tmp_path / "run", res["sampling"], model
+    family, recipe, source, sets = CASES[case][:4]
+    path = source_file(tmp_path / "source", source, seed)
+    sets = list(sets) + list(explicit)
+    rec = load_recipe(resolve_recipe_path(recipe), sets)
+    res = import_checkpoint(path, family=family, recipe=rec, out=tmp_path / "run", explicit=tuple(sets))
+    return tmp_path / "run", res["sampling"], load_model(tmp_path / "run")[1]
 
 
 def sample_at_defaults(run, monkeypatch, tmp_path):
@@ -276,33 +272,52 @@ def ref_uvit(model, x_T, *, steps=1000):
 # The families
 # ------------------------------------------------------------------------------------------------
 
-DIT = ["model.width=32", "model.depth=2", "model.heads=2", f"model.num_classes={NC}", "data.image_size=8",
+# `--set`s giving the shipped recipe each manifest's small network (tests/manifests/*.json, sizes "small…"):
+# DiT / SiT / REPA / SRA: input_size 8, patch 2, 4 channels, hidden 64, depth 2, 2 heads, 10 classes;
+# LightningDiT: input_size 4, patch 1, 4 channels, hidden 64, depth 2, 2 heads, 10 classes; DDAE: 32
+# channels, ch_mults [1, 2], one block, attention at level 1 (16×16 of 32×32); U-ViT: 32×32, patch 2,
+# embed_dim 64, depth 2, 2 heads.
+DIT = ["model.width=64", "model.depth=2", "model.heads=2", f"model.num_classes={NC}", "data.image_size=8",
        "data.root=/nonexistent-latents"]
-LDIT = ["model.width=32", "model.depth=2", "model.heads=2", f"model.num_classes={NC}", "data.latent_channels=6",
+LDIT = ["model.width=64", "model.depth=2", "model.heads=2", f"model.num_classes={NC}", "data.latent_channels=4",
         "data.image_size=4", "data.root=/nonexistent-latents"]
-UNET = ["model.channels=32", "model.ch_mults=[1,2]", "model.n_blocks=1", "model.attn_resolutions=[4]",
-        "data.dataset=digits", "data.image_size=8"]
-UVIT = ["model.width=32", "model.depth=2", "model.heads=2", "data.dataset=digits", "data.image_size=8"]
+UNET = ["model.channels=32", "model.ch_mults=[1,2]", "model.n_blocks=1", "model.attn_resolutions=[16]"]
+UVIT = ["model.width=64", "model.depth=2", "model.heads=2"]
+DDAE_LAYOUT = "train.py, ema-pytorch 0.8.3"  # DDAE's files, released ones included, are train.py checkpoints
 
-# family, shipped recipe, tiny sets, reference at the official settings, the same with one setting changed
+# family, shipped recipe, (manifest, variant, layout, size) of the source file, the small network's sets,
+# reference at the official settings, the same with one setting changed. The released layouts where one
+# exists (the EMA state dict alone); DiT-SRA's train.py checkpoint, whose 'ema' its generate.py reads.
+# The shipped recipes of repa, sra and ddae_edm already sample with the published settings: there the
+# record's non-empty overrides are what fails without importers/published.py.
 CASES = {
-    "dit": ("dit", "imagenet256_sra_ditxl", DIT, ref_dit, dict(channels="all")),
-    "sit": ("sit", "imagenet256_sra_sitxl", DIT, ref_sit, dict(channels="all")),  # the README's old command
-    "lightningdit": ("lightningdit", "imagenet256_rf_ditxl_cond", LDIT, ref_lightningdit, dict(points=251)),
-    "repa": ("repa", "imagenet256_sra_sitxl", DIT, ref_repa, dict(high=1.0)),
-    "sra_sit": ("sra", "imagenet256_sra_sitxl", DIT, ref_repa, dict(channels="first3")),
-    "sra_dit": ("sra", "imagenet256_sra_ditxl", DIT, lambda *a, **k: ref_dit(*a, **{"cfg": 1.0, **k}),
-                dict(steps=200)),
-    "ddae_ddpm": ("ddae", "cifar10_ddpm_ddpm", UNET, ref_ddae_ddim, dict(quirk=False)),
-    "ddae_edm": ("ddae", "cifar10_edm_ddpm", UNET, ref_ddae_edm, dict(steps=17)),
-    "uvit": ("uvit", "cifar10_ddpm_uvit", UVIT, ref_uvit, dict(steps=999)),
+    "dit": ("dit", "imagenet256_sra_ditxl", ("dit", None, "released", "small"), DIT, ref_dit,
+            dict(channels="all")),
+    "sit": ("sit", "imagenet256_sra_sitxl", ("sit", None, "released", "small"), DIT, ref_sit,
+            dict(channels="all")),  # the README's old command
+    "lightningdit": ("lightningdit", "imagenet256_rf_ditxl_cond", ("lightningdit", None, "released", "small"), LDIT,
+                     ref_lightningdit, dict(points=251)),
+    "repa": ("repa", "imagenet256_sra_sitxl", ("repa", None, "released", "small"), DIT, ref_repa, dict(high=1.0)),
+    "sra_sit": ("sra", "imagenet256_sra_sitxl", ("sra", "sra-sit", "released", "small"), DIT, ref_repa,
+                dict(channels="first3")),
+    "sra_dit": ("sra", "imagenet256_sra_ditxl", ("sra", "sra-dit", "train.py", "small"), DIT,
+                lambda *a, **k: ref_dit(*a, **{"cfg": 1.0, **k}), dict(steps=200)),
+    # DDAE's small sizes: DDPM_ddpm.yaml's conv UNet and EDM_ddpmpp_aug.yaml's BigGAN UNet with augment labels
+    "ddae_ddpm": ("ddae", "cifar10_ddpm_ddpm", ("ddae", None, DDAE_LAYOUT, "small ddpm_conv"), UNET, ref_ddae_ddim,
+                  dict(quirk=False)),
+    "ddae_edm": ("ddae", "cifar10_edm_ddpmpp_aug", ("ddae", None, DDAE_LAYOUT, "small edm_biggan_aug"), UNET,
+                 ref_ddae_edm, dict(steps=17)),
+    "uvit": ("uvit", "cifar10_ddpm_uvit", ("uvit", None, "released", "small"), UVIT, ref_uvit, dict(steps=999)),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# U-ViT's file fixes 32×32 inputs (learned positions of 256 patches) and its published sampler takes 1000
+# steps: three 1000-call runs, about a minute on one core, so the slow tier (the VP-SDE step itself is
+# checked fast by test_vp_sde_sampler_is_uvit_euler_maruyama, its settings by test_published_targets…).
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c == "uvit" else []) for c in CASES])
 def test_sample_at_imported_defaults_is_the_official_sampler(case, tmp_path, monkeypatch):
-    family, recipe, sets, ref, changed = CASES[case]
-    run, record, model = imported_run(tmp_path, monkeypatch, family, recipe, sets, seed=list(CASES).index(case))
+    ref, changed = CASES[case][4:]
+    run, record, model = imported_run(tmp_path, case, seed=list(CASES).index(case))
     x0, x_T, y, out = sample_at_defaults(run, monkeypatch, tmp_path)
     args = (model, x_T, y) if y is not None else (model, x_T)
     expected = ref(*args)
@@ -346,14 +361,14 @@ def test_published_targets_and_conversions():
     assert (rec.sample.sampler, rec.sample.steps) == ("ddim", 100)
 
 
-def test_explicit_set_wins_over_published_settings(tmp_path, monkeypatch):
+def test_explicit_set_wins_over_published_settings(tmp_path):
     """A user's `--set` of a published key is kept (and listed), the other published settings still apply."""
     from ddaepp_cli.cli.base import resolve_recipe_path
     from ddaepp_cli.importers import published
     from ddaepp_cli.sample import load_model
 
     sets = ["sample.cfg_scale=4.0", "sample.cfg_channels=all"]
-    run, r, _ = imported_run(tmp_path, monkeypatch, "sit", "imagenet256_sra_sitxl", DIT, seed=0, explicit=sets)
+    run, r, _ = imported_run(tmp_path, "sit", seed=0, explicit=sets)
     rec = load_model(run)[0]
     assert (rec.sample.cfg_scale, rec.sample.cfg_channels, rec.sample.cfg_interval) == (4.0, "all", (0.0, 1.0))
     assert (rec.sample.sampler, rec.sample.steps, rec.diffusion.net_convention) == ("sde", 250, "sit")
@@ -364,30 +379,16 @@ def test_explicit_set_wins_over_published_settings(tmp_path, monkeypatch):
     assert r2["overrides"] and all(not o.startswith("sample.") for o in r2["overrides"])
 
 
-def test_import_command_applies_published_settings_and_keeps_set(monkeypatch, tmp_path):
-    """`ddaepp import … --set sample.cfg_scale=4.0`: the published settings apply, the user's key wins, and
-    the command says what it set."""
-    import dataclasses
-
-    from safetensors.torch import save_file
-
-    import ddaepp_cli.importers as importers
+def test_import_command_applies_published_settings_and_keeps_set(tmp_path):
+    """`ddaepp import SiT-XL-2-256x256.pt … --set sample.cfg_scale=4.0` (the released layout, small size): the
+    published settings apply, the user's key wins, and the command says what it set."""
     from conftest import cli_inprocess
-    from ddaepp_cli.build import build_backbone
-    from ddaepp_cli.cli.base import resolve_recipe_path
-    from ddaepp_cli.importers.common import Source, rename
     from ddaepp_cli.sample import load_model
 
-    fam = importers.FAMILIES["sit"]
-    rec = load_recipe(resolve_recipe_path("imagenet256_sra_sitxl"), DIT)
-    model = build_backbone(replace(rec, fam.overrides(rec)))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "src.safetensors"))
-    monkeypatch.setitem(importers.FAMILIES, "sit", dataclasses.replace(  # the file holds ddaepp's own keys
-        fam, extract=lambda obj, path, weights: Source(ema=obj, raw=None),
-        convert=lambda sd, net, path: rename(sd, lambda k: k)))
+    src = source_file(tmp_path / "source", CASES["sit"][2], seed=0)
     sets = [a for kv in DIT + ["sample.cfg_scale=4.0"] for a in ("--set", kv)]
-    r = cli_inprocess("import", tmp_path / "src.safetensors", "--from", "sit", "--recipe", "imagenet256_sra_sitxl",
-                      "--out", tmp_path / "run", *sets)
+    r = cli_inprocess("import", src, "--from", "sit", "--recipe", "imagenet256_sra_sitxl", "--out", tmp_path / "run",
+                      *sets)
     assert r.returncode == 0, r.output
     rec = load_model(tmp_path / "run")[0]
     assert (rec.sample.cfg_scale, rec.sample.cfg_channels, rec.sample.cfg_interval) == (4.0, "first3", (0.0, 1.0))
