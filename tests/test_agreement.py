@@ -99,29 +99,44 @@ def _train_cmd(recipe: Path, run: Path, *extra) -> list[str]:
 
 @pytest.mark.slow
 def test_three_trains_race_for_one_new_folder(tmp_path):
-    """Three `train`s started together on a new folder, three times: exactly one trains (exit 0), two exit
-    2 naming the holder, and the folder holds one run's files (each step logged once, one checkpoint)."""
+    """Three `train`s on one new folder, three times: exactly one trains (exit 0), two exit 2 naming the
+    holder, and the folder holds one run's files (each step logged once, one checkpoint). Attempt 0 starts
+    all three at once; attempts 1 and 2 start two at once and the third as soon as one was refused — the
+    order that lost the lock: the refused one removed the new, still empty folder, and the third locked a
+    new one beside the holder's. DDAEPP_TEST_LOCK_DELAY (runlock.py) makes the two look at the folder
+    before either locks it; DDAEPP_TEST_STEP_DELAY keeps the holder training while the third starts."""
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY.replace("channels: 64", "channels: 32").replace("ch_mults: [1, 2]", "ch_mults: [1]")
                       .replace("attn_resolutions: [4]", "attn_resolutions: []"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DDAEPP_TEST_LOCK_DELAY="1.5",
+               DDAEPP_TEST_STEP_DELAY="3")
+
+    def start(run):
+        return subprocess.Popen(_train_cmd(recipe, run, "--max-steps", 3), cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
     for attempt in range(3):
         run = tmp_path / f"run{attempt}"
-        procs = []
-        for k in range(3):  # the third a little later on some attempts: after a refused one has left
-            procs.append(subprocess.Popen(_train_cmd(recipe, run, "--max-steps", 2), cwd=ROOT, env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-            if k == 1 and attempt:
-                time.sleep(0.5 * attempt)
+        procs = [start(run), start(run)]
+        if attempt == 0:
+            procs.append(start(run))
+        else:
+            deadline = time.time() + 240
+            while all(p.poll() is None for p in procs):
+                assert time.time() < deadline
+                time.sleep(0.05)
+            procs.append(start(run))
         outs = [p.communicate(timeout=300)[1] for p in procs]
         codes = [p.returncode for p in procs]
-        assert sorted(codes) == [0, 2, 2], (codes, outs)
+        assert sorted(codes) == [0, 2, 2], (attempt, codes, outs)
         for code, err in zip(codes, outs):
             if code == 2:
                 assert "in use" in err and "Traceback" not in err, err
         steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert steps == [1, 2], steps  # one writer
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
+        assert steps == [1, 2, 3], steps  # one writer
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003"]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == \
+            [f"run{k}" for k in range(attempt + 1)]
 
 
 # ------------------------------------------------------------------------------------------------

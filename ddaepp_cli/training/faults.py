@@ -14,8 +14,9 @@ what many processes do when one of them fails is testable on a CPU (`torchrun --
                                     so that fp16's overflow decisions run on a CPU
 
 Steps count from 0 (the step that makes `step-0000001` is step 0). Unset variables inject nothing; the
-production path reads them once per run. The older test hooks DDAEPP_TEST_STEP_DELAY (train.py) and
-DDAEPP_TEST_SAVE_DELAY (checkpoint.py) slow every rank down.
+production path reads them once per run. The other test hooks slow every rank down: DDAEPP_TEST_STEP_DELAY
+(train.py, after each step), DDAEPP_TEST_SAVE_DELAY (checkpoint.py, inside a save) and
+DDAEPP_TEST_LOCK_DELAY (runlock.py, between looking at the run folder and locking it).
 """
 
 from __future__ import annotations

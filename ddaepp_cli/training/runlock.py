@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -94,6 +95,9 @@ def _open_folder(run_dir: Path) -> tuple[bool, int]:
     try:
         if run_dir.exists() and not run_dir.is_dir():
             raise UsageError(f"run directory {run_dir} exists and is not a folder")
+        # Test hook: DDAEPP_TEST_LOCK_DELAY=SECONDS widens the window between looking and locking, so that
+        # racing `train`s interleave there (tests/test_agreement.py).
+        time.sleep(float(os.environ.get("DDAEPP_TEST_LOCK_DELAY", "0")))
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             run_dir.mkdir()
