@@ -1,4 +1,4 @@
-"""Errors that reach the user as one clear line and a documented exit code (README "Exit codes").
+"""Errors that reach the user as one clear line and a documented exit code (docs/commands.md, "Exit codes").
 
 Library code raises these; the CLI catches them, prints `error: <message>` on stderr and exits
 with `exit_code`. Anything else is an unexpected failure (exit 1, with a traceback).

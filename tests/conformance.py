@@ -157,13 +157,20 @@ PIXEL_SIZE = 8
 def tiny_overrides(recipe, shared: "Shared") -> list[str]:
     """`--set` overrides that shrink a recipe to CPU size on the same code path."""
     sets = list(COMMON)
-    m = recipe.model
     if recipe.data.dataset == "latents":
         root = shared.latents if recipe.data.latent_posterior == "fixed" else shared.moments
         sets += [f"data.root={root}", f"data.latent_channels={shared.latent_channels}"]
     else:
         sets += ["data.dataset=imagefolder", f"data.root={shared.images}", f"data.image_size={PIXEL_SIZE}",
                  "data.download=false"]
+    return sets + shrink_model(recipe)
+
+
+def shrink_model(recipe) -> list[str]:
+    """`--set` overrides for a CPU-size network on the recipe's code path: its self-conditioning,
+    contrastive and SRA layers kept at the same relative place (tests/test_all_recipes.py shares it)."""
+    sets: list[str] = []
+    m = recipe.model
     if m.backbone == "uvit":  # in_1, in_2, mid, out_1, out_2: the recipes' out_2 taps exist
         sets += ["model.width=32", "model.depth=4", "model.heads=2"]
     elif m.backbone in ("dit", "dit_orig"):  # blocks 1..4

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conformance import shrink_model
 from ddaepp_cli.recipe import load_recipe
 from ddaepp_cli.training.train import dry_run, train
 
@@ -25,22 +26,9 @@ COMMON = ["data.dataset=digits", "data.image_size=8", "data.num_workers=0", "dat
 def shrink(path: Path) -> list[str]:
     rec = load_recipe(path)
     sets = list(COMMON)
-    if rec.model.backbone == "uvit":  # in_1, in_2, mid, out_1, out_2: the recipes' out_2 taps exist
-        sets += ["model.width=32", "model.depth=4", "model.heads=2"]
-    elif rec.model.backbone in ("dit", "dit_orig"):  # blocks 1..4 on 1×8×8 digits; classes stay (labels < 1000)
-        sets += ["model.width=32", "model.depth=4", "model.heads=2", "sample.steps=2"]
-        if rec.model.selfcond.layer:
-            sets.append("model.selfcond.layer=2")
-        if rec.sra.enabled:
-            sets += ["sra.student_layer=1", "sra.teacher_layer=3"]
-    else:  # decoder blocks out_1..out_4
-        sets += ["model.channels=32", "model.ch_mults=[1,2]", "model.n_blocks=1", "model.attn_resolutions=[4]"]
-        if rec.model.selfcond.layer:
-            sets.append("model.selfcond.layer=out_2")
-        if rec.contrastive.layer:
-            sets.append("contrastive.layer=out_2")
-    if rec.contrastive.enabled:
-        sets += ["contrastive.hidden=32", "contrastive.dim=16"]
+    sets += shrink_model(rec)
+    if rec.model.backbone in ("dit", "dit_orig"):  # classes stay (labels < 1000)
+        sets.append("sample.steps=2")
     return sets
 
 
