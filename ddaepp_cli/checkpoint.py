@@ -12,14 +12,22 @@ A checkpoint is written into `checkpoints/.tmp-step-…` and renamed into place 
 a crash or a kill during a save never leaves a half-written `step-*` folder; the previous one stays
 intact. Re-saving a step that already has a folder keeps the old copy as `.old-step-…` until the new one
 is in place; a crash between the two renames is repaired by `recover_checkpoints` on the next start.
+
+A checkpoint damaged after it was written (a truncated copy, a full disk while copying a run, a file
+removed) is found before anything is loaded: `checkpoint_problem` checks each file's structure without
+reading a tensor. Resuming from an earlier step (`ddaepp train --resume-from STEP`) moves the newer
+checkpoint folders aside as `set-aside-step-N` (`set_aside_checkpoints`): a name no reader takes for a
+checkpoint, that `keep_last` never counts or prunes, and that a later save of step N never touches.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +35,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import file_mode, fsync_file, recover_dirs, replace_dir
+from .atomic import file_mode, fsync_dir, fsync_file, recover_dirs, replace_dir
 from .errors import UsageError
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 OLD_STEP_DIR = re.compile(r"^\.old-step-(\d{7,})-\d+$")
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")  # what resuming reads
+SET_ASIDE_PREFIX = "set-aside-"  # + step-N[-K]: matches none of the patterns above, nor `.tmp-step-*`
+
+
+class CorruptCheckpoint(UsageError):
+    """A checkpoint file that is missing, truncated or not what ddaepp wrote (exit 2)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -74,6 +88,91 @@ def recover_checkpoints(run_dir: str | os.PathLike) -> list[str]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes up to the largest
+    end offset the header names: its size is known without reading a tensor."""
+    size = file.stat().st_size
+    if size < 10:
+        return f"is truncated ({size} bytes)"
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        first = fh.read(1)
+        if first != b"{" or n < 2:
+            return "is not a safetensors file"
+        if n > size - 8:
+            return f"is truncated ({size:,} bytes, its header alone needs {n + 8:,})"
+        try:
+            header = json.loads(first + fh.read(n - 1))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "is not a safetensors file (unreadable header)"
+    want = 8 + n + end
+    if size < want:
+        return f"is truncated ({size:,} of {want:,} bytes)"
+    if size > want:
+        return f"has {size - want:,} bytes past its end (not as ddaepp wrote it)"
+    return None
+
+
+def _state_problem(file: Path) -> str | None:
+    """torch.save writes a zip archive whose directory is at the end of the file: a cut file has none."""
+    try:
+        with zipfile.ZipFile(file) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        with open(file, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"PK\x03\x04":
+            return f"is truncated ({file.stat().st_size:,} bytes, the end of the archive is missing)"
+        return "is not a training state written by ddaepp (not a torch.save archive)"
+    if not any(n.endswith("/data.pkl") for n in names):
+        return "is not a training state written by ddaepp (no data.pkl in the archive)"
+    return None
+
+
+def checkpoint_problem(ckpt: str | os.PathLike) -> str | None:
+    """Why checkpoint folder `ckpt` cannot be resumed from, as a phrase naming each damaged file
+    ("ema.safetensors is truncated (…), state.pt is missing"), or None when every file it needs is there and
+    complete. Structure only, no tensor is read: cheap enough for every checkpoint of a run. Damage inside a
+    complete file is found when it is loaded."""
+    ckpt = Path(ckpt)
+    problems = []
+    for name in CHECKPOINT_FILES:
+        f = ckpt / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            why = _safetensors_problem(f) if name.endswith(".safetensors") else _state_problem(f)
+        except OSError as e:
+            why = f"cannot be read ({e.strerror or type(e).__name__})"
+        if why:
+            problems.append(f"{name} {why}")
+    return ", ".join(problems) or None
+
+
+def set_aside_name(ckpt: Path) -> Path:
+    """`checkpoints/set-aside-step-N`, or `…-2`, `-3`, … when taken: never read as a checkpoint."""
+    target = ckpt.with_name(SET_ASIDE_PREFIX + ckpt.name)
+    k = 1
+    while target.exists():
+        k += 1
+        target = ckpt.with_name(f"{SET_ASIDE_PREFIX}{ckpt.name}-{k}")
+    return target
+
+
+def set_aside_checkpoints(ckpts: list[Path]) -> list[Path]:
+    """Writer only: rename checkpoint folders to `set_aside_name` (nothing is deleted); returns the new paths."""
+    out = []
+    for ckpt in ckpts:
+        target = set_aside_name(ckpt)
+        os.rename(ckpt, target)
+        out.append(target)
+    if ckpts:
+        fsync_dir(ckpts[0].parent)
+    return out
 
 
 def _state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -210,7 +309,7 @@ def _select_checkpoints(path: str | os.PathLike, spec: str | None) -> list[Path]
 def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; truncated/foreign files are a UsageError."""
     if not file.is_file():
-        raise UsageError(f"missing weights file {file}")
+        raise CorruptCheckpoint(f"missing weights file {file}")
     try:
         from safetensors import safe_open
 
@@ -219,7 +318,7 @@ def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"cannot read {file} (truncated or not a safetensors file): {first}") from None
+        raise CorruptCheckpoint(f"cannot read {file} (truncated or not a safetensors file): {first}") from None
     return tensors, metadata
 
 
@@ -276,11 +375,15 @@ def load_weights_into(module: torch.nn.Module, file: Path, what: str) -> dict[st
 
 
 def load_training_state(ckpt: Path) -> dict[str, Any]:
+    """state.pt of a checkpoint; a missing, truncated or foreign file is one line (CorruptCheckpoint) saying
+    so — not torch's message, whose advice (weights_only=False) would run whatever the file holds."""
     file = ckpt / "state.pt"
     if not file.is_file():
-        raise UsageError(f"missing training state {file}")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle refused by weights_only, …
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"cannot read training state {file} (truncated or foreign file): {first[:200]}") from None
+        raise CorruptCheckpoint(f"checkpoint {ckpt} is incomplete: state.pt is missing")
+    why = _state_problem(file)
+    if why is None:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # damage inside a complete archive, a pickle refused by weights_only, …
+            why = f"cannot be loaded ({type(e).__name__}: the file is damaged or not written by ddaepp)"
+    raise CorruptCheckpoint(f"checkpoint {ckpt} is corrupt: state.pt {why}")

@@ -31,6 +31,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, parameter counts and batch plan; train nothing."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="With --dry-run: plan for this many processes."),
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change", help="Resume a run folder whose stored recipe differs."),
+    resume_from: Optional[int] = typer.Option(None, "--resume-from", metavar="STEP", help="Resume from this step's checkpoint instead of the latest; the checkpoints after it are moved aside to checkpoints/set-aside-step-N (not deleted)."),
     threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
@@ -44,6 +45,10 @@ def train(
         raise UsageError(f"--max-steps must be positive, got {max_steps}")
     if num_processes is not None and num_processes <= 0:
         raise UsageError(f"--num-processes must be positive, got {num_processes}")
+    if resume_from is not None and dry_run:
+        raise UsageError("--resume-from resumes a run; --dry-run trains nothing: give one of them")
+    if resume_from is not None and resume_from <= 0:
+        raise UsageError(f"--resume-from must be a checkpoint's step (positive), got {resume_from}")
     use_threads(threads)
     import torch
 
@@ -60,7 +65,10 @@ def train(
     if hint and int(os.environ.get("RANK", "0")) == 0:
         print(hint, file=sys.stderr)
     with run_lock(run_dir):  # one writer per run folder: a second `train` exits 2 (runlock.py)
-        result = run_train(rec, run_dir, max_steps=max_steps, allow_recipe_change=allow_recipe_change)
+        result = run_train(rec, run_dir, max_steps=max_steps, allow_recipe_change=allow_recipe_change,
+                           resume_step=resume_from,
+                           resume_command=_train_command(recipe, run_dir, overrides, max_steps, allow_recipe_change,
+                                                         threads))
     if int(os.environ.get("RANK", "0")) == 0:
         if json_out:
             emit_json(result)
@@ -70,6 +78,24 @@ def train(
                   f"latest checkpoint {result['checkpoint']}", file=sys.stderr)
         else:
             print(f"trained to step {result['step']}/{result['total_steps']}: {result['checkpoint']}", file=sys.stderr)
+
+
+def _train_command(recipe: str, run_dir: Path, overrides: list[str], max_steps: int | None,
+                   allow_recipe_change: bool, threads: int | None) -> str:
+    """This `ddaepp train` command line as typed (less --resume-from): the refusal of a damaged checkpoint
+    appends `--resume-from N` to it."""
+    import shlex
+
+    words = ["ddaepp", "train", recipe, "--run-dir", str(run_dir)]
+    for o in overrides:
+        words += ["--set", o]
+    if max_steps is not None:
+        words += ["--max-steps", str(max_steps)]
+    if allow_recipe_change:
+        words.append("--allow-recipe-change")
+    if threads is not None:
+        words += ["--threads", str(threads)]
+    return shlex.join(words)
 
 
 def _print_plan(out: dict) -> None:

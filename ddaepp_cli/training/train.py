@@ -5,12 +5,18 @@ after DDP has synchronised the weights, one `state_dict()` for checkpoints and r
 makes one optimisation step on a global batch with per-sample draws that do not depend on the process
 count, `MetricsLog` writes metrics.jsonl. Re-running the same command resumes exactly (same losses as
 an uninterrupted run on CPU). SIGINT/SIGTERM finish the step, write a checkpoint and exit 130.
+
+A latest checkpoint that is damaged (checkpoint.checkpoint_problem: a missing, truncated or foreign file)
+is refused before anything is written, in one line naming the newest intact earlier checkpoint and the
+command resuming from it (`--resume-from STEP`). Resuming from an earlier step sets the newer checkpoint
+folders aside (`checkpoints/set-aside-step-N`, checkpoint.set_aside_checkpoints) once that step has loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,10 +32,11 @@ import torch
 from .. import __version__
 from ..atomic import write_text_atomic
 from ..build import build_backbone, build_formulation, build_objective, count_params, dataset_geometry, load_training_data
-from ..checkpoint import checkpoint_recipe, latest_checkpoint, recover_checkpoints, save_checkpoint, step_dir_name
+from ..checkpoint import (CorruptCheckpoint, checkpoint_problem, checkpoint_recipe, checkpoint_step, latest_checkpoint,
+                          list_checkpoints, recover_checkpoints, save_checkpoint, set_aside_checkpoints, step_dir_name)
 from ..console import info, progress
 from ..data.stream import check_resumable
-from ..errors import DdaeppError, Interrupted, NonFiniteError, ProcessFailed, UsageError
+from ..errors import DdaeppError, Interrupted, NonFiniteError, ProcessFailed, UsageError, choices
 from ..failures import lost_peer
 from ..recipe import Recipe, diff_recipes, recipe_to_dict, recipe_to_yaml
 from .faults import Faults
@@ -221,16 +228,17 @@ class GridSampler:
 
 
 def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe_change: bool,
-           compile_kw: dict | None):
+           compile_kw: dict | None, resume_step: int | None = None, resume_command: str | None = None):
     """Processes, the run folder check (rank 0's, for every rank: `_resume_point`), data, plan, and the
-    `TrainState`, resumed from the latest checkpoint when there is one."""
+    `TrainState`, resumed from the latest checkpoint (or `resume_step`'s) when there is one."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # processes and DDP; precision is the state's
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     faults = Faults.from_env(rank)
-    resume_from = _resume_point(run_dir, recipe, allow_recipe_change=allow_recipe_change,
-                                main=accelerator.is_main_process, world=world)
+    resume_from, newer = _resume_point(run_dir, recipe, allow_recipe_change=allow_recipe_change,
+                                       resume_step=resume_step, resume_command=resume_command,
+                                       main=accelerator.is_main_process, world=world)
     dataset = load_training_data(recipe)
     if world > 1:  # each rank read the data itself: the plan (steps, epochs) must be every rank's
         from accelerate.utils import gather_object
@@ -248,33 +256,86 @@ def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe
         ts.scaler = torch.amp.GradScaler(device.type)
     if resume_from is not None:
         faults.before_resume()
-        note = ts.load(resume_from)
+        try:
+            note = ts.load(resume_from)
+        except CorruptCheckpoint as e:  # damage inside files whose structure looked complete
+            raise _corrupt(run_dir, resume_from, str(e), resume_command) from None
         if ts.data_state is not None:  # before anything is written: same data-set size and global batch
             check_resumable(ts.data_state, num_samples=len(dataset), global_batch=recipe.train.global_batch)
         if note:
             info(note)
         info(f"resuming {run_dir} from step {ts.step} ({resume_from.name})")
+        if newer and accelerator.is_main_process:  # only once the earlier checkpoint has loaded
+            moved = set_aside_checkpoints(newer)
+            info(f"moved the checkpoints after step {ts.step} aside (kept; never read, counted by train.keep_last "
+                 f"or pruned; delete them when no longer needed): "
+                 + ", ".join(f"{a.name} -> {b.name}" for a, b in zip(newer, moved)))
     if accelerator.is_main_process:
         _write_run_files(run_dir, recipe, ts, resume_from)
     return accelerator, ts, dataset, plan
 
 
-def _resume_point(run_dir: Path, recipe: Recipe, *, allow_recipe_change: bool, main: bool, world: int) -> Path | None:
-    """The checkpoint every rank resumes from (None: a fresh run). Rank 0 alone checks the folder and puts
-    back a checkpoint displaced by a re-save that crashed between its two renames (checkpoint.py); the
-    other ranks take its answer from a collective, so they read nothing before the repair is done — a rank
-    resolving the folder by itself could pick the displaced copy while rank 0 renames it back."""
+def _resume_point(run_dir: Path, recipe: Recipe, *, allow_recipe_change: bool, main: bool, world: int,
+                  resume_step: int | None = None, resume_command: str | None = None) -> tuple[Path | None, list[Path]]:
+    """The checkpoint every rank resumes from (None: a fresh run) and the newer checkpoint folders that rank 0
+    sets aside once it has loaded (`--resume-from` an earlier step). Rank 0 alone checks the folder, puts
+    back a checkpoint displaced by a re-save that crashed between its two renames (checkpoint.py) and checks
+    the chosen checkpoint's files; the other ranks take its answer from a collective, so they read nothing
+    before the repair is done — a rank resolving the folder by itself could pick the displaced copy while
+    rank 0 renames it back."""
     from accelerate.utils import broadcast_object_list
 
-    answer = [""]
+    answer: list = ["", []]
     if main:
-        resume = prepare_run_dir(run_dir, recipe, allow_recipe_change=allow_recipe_change)
-        if resume is not None and recover_checkpoints(run_dir):
-            resume = latest_checkpoint(run_dir)
-        answer = [str(resume) if resume else ""]
+        resume, newer = prepare_run_dir(run_dir, recipe, allow_recipe_change=allow_recipe_change), []
+        if resume is not None:
+            recover_checkpoints(run_dir)
+            resume, newer = _choose_checkpoint(run_dir, resume_step, resume_command)
+        elif resume_step is not None:
+            raise UsageError(f"--resume-from {resume_step}: {run_dir} holds no checkpoint to resume from")
+        answer = [str(resume) if resume else "", [str(p) for p in newer]]
     if world > 1:
         broadcast_object_list(answer, from_process=0)  # a refusal on rank 0 stops the others (failures.py)
-    return Path(answer[0]) if answer[0] else None
+    return (Path(answer[0]) if answer[0] else None), [Path(p) for p in answer[1]]
+
+
+def _choose_checkpoint(run_dir: Path, resume_step: int | None, command: str | None) -> tuple[Path, list[Path]]:
+    """Rank 0: the latest checkpoint, or `resume_step`'s, once its files are checked; and the checkpoints
+    after it. A damaged one is refused (exit 2) before anything in the run folder changes."""
+    ckpts = list_checkpoints(run_dir)
+    if resume_step is None:
+        ckpt = ckpts[-1][1]
+        why = checkpoint_problem(ckpt)
+        if why:
+            raise _corrupt(run_dir, ckpt, f"the latest checkpoint {ckpt} is corrupt: {why}", command)
+        return ckpt, []
+    by_step = dict(ckpts)
+    ckpt = by_step.get(resume_step)
+    why = checkpoint_problem(ckpt) if ckpt is not None else None
+    if ckpt is None or why:
+        intact = [s for s, c in ckpts if c != ckpt and checkpoint_problem(c) is None]
+        have = (f"intact checkpoints: step{'s' if len(intact) > 1 else ''} {choices(intact)}" if intact
+                else "it holds no intact checkpoint")
+        what = f"the checkpoint at step {resume_step} is corrupt: {why}" if why else \
+            f"{run_dir} has no checkpoint at step {resume_step}"
+        raise UsageError(f"--resume-from {resume_step}: {what}; {have}; nothing in {run_dir} was changed")
+    return ckpt, [c for s, c in ckpts if s > resume_step]
+
+
+def _corrupt(run_dir: Path, ckpt: Path, problem: str, command: str | None) -> UsageError:
+    """The refusal of a damaged checkpoint: the problem, the newest intact earlier checkpoint and the exact
+    command that resumes from it."""
+    step = checkpoint_step(ckpt)
+    earlier = next((s for s, c in reversed(list_checkpoints(run_dir))
+                    if step is not None and s < step and checkpoint_problem(c) is None), None)
+    if earlier is None:
+        hint = "no earlier checkpoint is intact: train again with another --run-dir"
+    else:
+        base = command or f"ddaepp train {shlex.quote(str(run_dir / 'recipe.yaml'))} --run-dir {shlex.quote(str(run_dir))}"
+        hint = (f"the newest intact checkpoint is step {earlier}: resume from it with `{base} --resume-from {earlier}` "
+                f"(the checkpoints after step {earlier} are then moved aside to checkpoints/set-aside-step-*, "
+                f"not deleted)")
+    return UsageError(f"{problem}; {hint}; nothing in {run_dir} was changed")
 
 
 def _stop_requested(stop: _StopFlag, accelerator) -> int:
@@ -286,15 +347,20 @@ def _stop_requested(stop: _StopFlag, accelerator) -> int:
 
 
 def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None = None,
-          allow_recipe_change: bool = False, compile_kw: dict | None = None) -> dict[str, Any]:
-    """Train (or resume) `recipe` in `run_dir`. `compile_kw`: torch.compile options (tests pass a backend)."""
+          allow_recipe_change: bool = False, compile_kw: dict | None = None, resume_step: int | None = None,
+          resume_command: str | None = None) -> dict[str, Any]:
+    """Train (or resume) `recipe` in `run_dir`. `compile_kw`: torch.compile options (tests pass a backend).
+    `resume_step`: resume from that step's checkpoint instead of the latest (`--resume-from`);
+    `resume_command`: the command line that trains this run, named (plus --resume-from N) in the refusal
+    of a damaged checkpoint."""
     from accelerate.utils import gather_object
 
     from ..data import BatchStream, to_model_range
 
     run_dir, t = Path(run_dir), recipe.train
     accelerator, ts, dataset, plan = _start(recipe, run_dir, max_steps=max_steps, compile_kw=compile_kw,
-                                            allow_recipe_change=allow_recipe_change)
+                                            allow_recipe_change=allow_recipe_change, resume_step=resume_step,
+                                            resume_command=resume_command)
     device, rank, world, main = ts.device, ts.rank, ts.world, accelerator.is_main_process
     stream = BatchStream(dataset, global_batch=t.global_batch, rank=rank, world_size=world, seed=t.seed,
                          start_step=ts.step, num_workers=recipe.data.num_workers if not dataset.in_memory else 0,
