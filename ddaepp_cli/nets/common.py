@@ -42,11 +42,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
     return torch.cat((args.sin(), args.cos()), dim=1)  # (B, D)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0, freq_shift: int = 0) -> torch.Tensor:
     """DiT / U-ViT `timestep_embedding` of a (B,) time: [cos(t·f_k), sin(t·f_k)],
-    f_k = exp(−ln(max_period)·k/(dim/2))."""
+    f_k = exp(−ln(max_period)·k/(dim/2 − freq_shift)). freq_shift 1 is diffusers' `get_timestep_embedding`
+    with `downscale_freq_shift=1`, as its DiTTransformer2DModel embeds time (CombinedTimestepLabelEmbeddings)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, D/2)
     return torch.cat((args.cos(), args.sin()), dim=1)  # (B, D)
 

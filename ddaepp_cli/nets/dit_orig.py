@@ -16,6 +16,10 @@ Layout (DiT and SiT share it; SiT differs only in the objective and in `learn_si
 Parameter counts (1000 classes, 4×32×32 SD-VAE latents, frozen positions included; pinned by tests):
 DiT-XL/2 with learned Σ 675,129,632, DiT-B/2 with learned Σ 130,512,416, SiT-XL/2 without 675,111,184.
 
+Time sinusoid: DiT's frequencies 10000^(−k/128), k < 128; `time_freq_shift: 1` uses 10000^(−k/127), which is
+what diffusers' `DiTTransformer2DModel` computes (`CombinedTimestepLabelEmbeddings`, `downscale_freq_shift=1`),
+so that a network imported from or exported to diffusers computes the same function there and here.
+
 Time input: whatever the formulation's `net_time` hands over, embedded as is — DDPM gives DiT its
 integer step 0…999 and rectified flow gives SiT (as SRA/REPA train it) the raw t ∈ [0, 1]
 (diffusion/ddpm.py, diffusion/rf.py).
@@ -75,7 +79,8 @@ class DiTOrig(AdaLNTrunk):
     def __init__(
         self, *, in_channels: int = 4, image_size: int = 32, patch_size: int = 2, width: int = 768, depth: int = 12,
         heads: int = 12, mlp_ratio: float = 4.0, qk_norm: bool = False, learn_sigma: bool = False,
-        num_classes: int = 0, selfcond_layer: str | None = None, selfcond_mode: str = "adaptive", name: str = "dit_orig",
+        num_classes: int = 0, selfcond_layer: str | None = None, selfcond_mode: str = "adaptive",
+        time_freq_shift: int = 0, name: str = "dit_orig",
     ):  # fmt: skip
         super().__init__()
         self.config = init_config(DiTOrig, locals())
@@ -86,6 +91,9 @@ class DiTOrig(AdaLNTrunk):
             raise UsageError(f"{name}: width {width} must be a multiple of 4 and split into {heads} heads")
         if depth < 1 or num_classes < 0:
             raise UsageError(f"{name}: depth must be >= 1 and num_classes >= 0, got {depth}, {num_classes}")
+        if time_freq_shift not in (0, 1):
+            raise UsageError(f"{name}: time_freq_shift must be 0 (DiT) or 1 (diffusers), got {time_freq_shift}")
+        self.time_freq_shift = int(time_freq_shift)
         self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
         self.num_classes, self.learn_sigma = num_classes, bool(learn_sigma)
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -109,7 +117,7 @@ class DiTOrig(AdaLNTrunk):
         t = batch_time(t, B)
         class_labels = class_labels_or_null(self, class_labels, aug_label, B, x.device)  # null class / the one row
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        t_sin = timestep_embedding(t, FREQ_DIM)  # (B, 256) of the formulation's net_time
+        t_sin = timestep_embedding(t, FREQ_DIM, freq_shift=self.time_freq_shift)  # (B, 256) of the net_time
         c = self.t_embedder(t_sin.to(h.dtype)) + self.y_embedder(class_labels.long())  # (B, D)
         return self._blocks_and_head(h, c, t_sin, taps, stop_after, (H, W))  # (B, C_out, H, W), taps
 

@@ -156,6 +156,9 @@ class DiTOrigConfig:
     num_classes: int = 0  # 1000: ImageNet class-conditional (+1 null row for CFG)
     label_dropout: float = 0.1  # CFG label dropout (DiT `class_dropout_prob`); conditional only
     selfcond: SelfCondConfig = field(default_factory=SelfCondConfig)
+    # Time sinusoid frequencies 10000^(−k/(128 − shift)): 0 = DiT's; 1 = diffusers' DiTTransformer2DModel
+    # (`downscale_freq_shift=1`), set by `ddaepp import --from diffusers-dit` (docs/import.md)
+    time_freq_shift: int = 0
 
     @property
     def augment_dim(self) -> int:
@@ -334,6 +337,9 @@ class TrainConfig:
     sample_every: int = 5000  # steps between fixed-seed sample grids (0: never)
     sample_grid: int = 64  # images in the grid
     max_nonfinite: int = 10  # consecutive non-finite steps before training stops
+    # Experiment tracker through Accelerate (training/tracking.py, docs/tracking.md): metrics.jsonl's fields
+    # and the sample grids into <run>/tracker/. Not part of the resume check: a resume may add or drop one.
+    log_with: Literal["none", "tensorboard", "wandb", "all-installed"] = "none"
 
 
 @dataclass(frozen=True)
