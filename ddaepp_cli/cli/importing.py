@@ -15,12 +15,14 @@ from ..errors import UsageError
 @command("import", epilog="Example: ddaepp import ddae_edm_ddpmpp_cifar10.pth --from ddae --recipe cifar10_edm_ddpmpp "
              "--out runs/ddae_edm_ddpmpp")
 def import_cmd(
-    source: Path = typer.Argument(..., help="The checkpoint file (.pt/.pth/.ckpt read with torch.load(weights_only=True), or .safetensors)."),
+    source: str = typer.Argument(..., help="The checkpoint file (.pt/.pth/.ckpt read with torch.load(weights_only=True), or .safetensors), or hf://OWNER/REPO/FILE on the Hugging Face Hub (looked up in the Hugging Face cache; fetched only with --download)."),
     family: str = typer.Option(..., "--from", help="ddae, uvit, lightningdit, sra, repa, dit, sit."),
     recipe: str = typer.Option(..., "--recipe", help="Recipe YAML or shipped recipe name whose network matches the checkpoint."),
     out: Path = typer.Option(..., "--out", help="New run folder (must not exist or be empty)."),
     weights: str = weights_option("ema: the file's EMA weights become ema.safetensors (raw weights, where present, model.safetensors); model: its raw weights become both."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="Latent families: the VAE the network was trained with (LDM or diffusers layout)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Latent families: the VAE the network was trained with (LDM or diffusers layout): a path, a name (sdvae, vavae, …: docs/offline.md) or hf://OWNER/REPO/FILE."),
+    download: bool = typer.Option(False, "--download", help="Fetch an hf:// source or a named --vae missing from the caches from the Hugging Face Hub."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="hf:// sources: the Hub revision (commit, branch or tag; default: the pinned one of a known file, else main)."),
     latent_stats: Optional[Path] = typer.Option(None, "--latent-stats", help="LightningDiT only: the per-channel latent mean/std it was trained with (latents_stats.pt); DiT/SiT/REPA/SRA use the fixed SD-VAE scale 0.18215."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set model.num_classes=1000 (repeatable)."),
     json_out: bool = json_option(),
@@ -29,8 +31,15 @@ def import_cmd(
     from ..recipe import load_recipe
 
     rec = load_recipe(resolve_recipe_path(recipe), list(set_))  # recipe and source first: no torch needed
+    from ..hub import resolve_spec
+
+    source = resolve_spec(source, download=download, revision=revision, option="the local file as SOURCE")  # hf:// → the cached file
     if not source.is_file():
         raise UsageError(f"no such checkpoint file: {source}")
+    if vae is not None:
+        from ..data.vae import resolve_vae
+
+        vae = resolve_vae(vae, download=download)[0]
     from ..importers import import_checkpoint
 
     result = import_checkpoint(source, family=family, recipe=rec, out=out, weights=weights, vae=vae,

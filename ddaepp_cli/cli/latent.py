@@ -10,7 +10,6 @@ from typing import List, Optional
 import typer
 
 from .base import command, emit_json, json_option, resolve_recipe_path
-from ..errors import UsageError
 
 
 @command("profile-layers", epilog="Example: ddaepp profile-layers imagenet256_rf_ditb_cond --candidates 8-11 --epochs 20 --json | jq .best")
@@ -41,15 +40,20 @@ def profile_layers(
         print(result["best"])
 
 
-@command("cache-latents", epilog="Example: ddaepp cache-latents --data imagenet/train --vae ~/.cache/ddaepp/weights/"
-             "vavae-imagenet256-f16d32-dinov2.pt --out data/imagenet256_vavae; then the validation split: "
+@command("cache-latents", epilog="Example: ddaepp cache-latents --data imagenet/train --vae vavae --download "
+             "--out data/imagenet256_vavae; then the validation split: "
              "ddaepp cache-latents --data imagenet/val --labels LOC_val_solution.csv --classes data/imagenet256_vavae "
              "--out data/imagenet256_vavae_val")
 def cache_latents(
     data: Path = typer.Option(..., "--data", help="Image folder: one subfolder per class (ImageNet train/), or flat (ImageNet val/ with --labels)."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="LDM-format VAE weights (.safetensors, or .pt/.ckpt read with "
-                                       "weights_only). Default: the --vae-kind file (vavae unless given) in "
-                                       "$DDAEPP_CACHE/weights/ (~/.cache/ddaepp/weights/)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE weights: a path (LDM or diffusers layout; .safetensors, or "
+                                      ".pt/.ckpt read with weights_only), a name (vavae, sdvae, sdvae-mse, "
+                                      "sdvae-original, sdvae-mse-original: docs/offline.md) or hf://OWNER/REPO/FILE. "
+                                      "Default: the --vae-kind file (vavae unless given). Names are looked up in "
+                                      "$DDAEPP_CACHE/weights/, then the Hugging Face cache."),
+    download: bool = typer.Option(False, "--download", help="Fetch a named VAE missing from both caches from the "
+                                  "Hugging Face Hub (pinned revision, sha256 checked). Without it nothing touches "
+                                  "the network."),
     out: Path = typer.Option(..., "--out", help="Cache folder (data.root of a latents recipe); re-running resumes."),
     image_size: int = typer.Option(256, "--image-size", help="ADM centre crop to this size before encoding."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder batch (each is encoded with its mirror)."),
@@ -68,13 +72,9 @@ def cache_latents(
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
     from ..data.latents import cache_latents as run_cache
-    from ..data.vae import KINDS, default_weights_path
+    from ..data.vae import resolve_vae
 
-    if vae is None:
-        if vae_kind is not None and vae_kind not in KINDS:
-            raise UsageError(f"unknown --vae-kind {vae_kind!r}; valid: {', '.join(KINDS)}")
-        vae_kind = vae_kind or "vavae"
-        vae = default_weights_path(vae_kind)
+    vae, vae_kind = resolve_vae(vae, vae_kind, download=download)
     result = run_cache(data, vae, out, image_size=image_size, batch_size=batch_size, shard_size=shard_size,
                        vae_kind=vae_kind, num_workers=num_workers, labels_file=labels, classes_from=classes,
                        moments=moments)

@@ -261,11 +261,16 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def resolve_vae_path(manifest: dict, vae: str | os.PathLike | None = None) -> Path:
-    """The VAE weights of a cache: `vae` (recipe `data.vae`) if given, else the file recorded at caching
-    time if it still exists, else `$DDAEPP_CACHE/weights/<file name>`."""
+    """The VAE weights of a cache: `vae` (recipe `data.vae`: a path, or a name / hf:// address of hub.py's
+    table, resolved offline) if given, else the file recorded at caching time if it still exists, else
+    `$DDAEPP_CACHE/weights/<file name>`, else the table's file with the recorded sha256 (ddaepp's or the
+    Hugging Face cache)."""
+    from .. import hub
     from .vae import cache_dir, missing_message
 
     ident = manifest.get("vae") or {}
+    if hub.is_reference(vae):
+        return hub.resolve(hub.weight_for(str(vae)), option="a path as data.vae")
     if vae is not None:
         path = Path(vae).expanduser()
         if not path.is_file():
@@ -277,6 +282,9 @@ def resolve_vae_path(manifest: dict, vae: str | os.PathLike | None = None) -> Pa
     for path in candidates:
         if path.is_file():
             return path
+    for weight in hub.WEIGHTS.values():  # a table file, wherever hub.py finds it (never downloaded here)
+        if weight.vae_kind and weight.sha256 and weight.sha256 == ident.get("sha256"):
+            return hub.resolve(weight, option="the recipe key data.vae")
     where = " or ".join(str(p) for p in candidates) or "(the manifest names no VAE)"
     raise UnavailableError(f"VAE weights of the latent cache not found at {where}; put {ident.get('file_name', 'the VAE file')} "
                            f"(sha256 {str(ident.get('sha256', '?'))[:16]}…) at {cache_dir() / 'weights'}/, or set the "

@@ -19,7 +19,8 @@ attention sits, latent channels), so any LDM-layout KL autoencoder loads; `--vae
 the expected one (VA-VAE: 69,836,067 parameters; SD-VAE: 83,653,863). Weights: `.safetensors`
 preferred; `.pt/.ckpt` are read with `torch.load(weights_only=True)` only (no arbitrary pickles).
 
-Default weight location: `$DDAEPP_CACHE/weights/` (default `~/.cache/ddaepp/weights/`).
+Default weight location: `$DDAEPP_CACHE/weights/` (default `~/.cache/ddaepp/weights/`), then the Hugging Face
+cache; `--vae sdvae` / `vavae` / `sdvae-mse` / `hf://…` name files of hub.py's table (`resolve_vae`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnavailableError, UsageError
+from ..hub import cache_dir  # noqa: F401  (re-exported: latentstore.py)
 
 TRAINING_ONLY_PREFIXES = ("loss.", "foundation_model.", "linear_proj.")
 LDM_PREFIXES = ("first_stage_model.", "vae.")
@@ -68,20 +70,38 @@ KINDS = {
     "sdvae": VAEKind(
         "sdvae", "SD-VAE f8d4 (Stable Diffusion kl-f8, e.g. sd-vae-ft-ema; 4×32×32 latents of 256² images)",
         "sd-vae-ft-ema.safetensors",
-        "https://huggingface.co/stabilityai/sd-vae-ft-ema (diffusion_pytorch_model.safetensors is diffusers "
-        "layout; use an LDM-layout file such as vae-ft-ema-560000-ema-pruned.safetensors from "
-        "https://huggingface.co/stabilityai/sd-vae-ft-ema-original)",
+        "https://huggingface.co/stabilityai/sd-vae-ft-ema (diffusion_pytorch_model.safetensors, diffusers layout; "
+        "or the LDM-layout vae-ft-ema-560000-ema-pruned.safetensors of stabilityai/sd-vae-ft-ema-original)",
         _config(4, [128, 256, 512, 512], attn_levels=()), 83_653_863, 0.18215),
 }
 
 
-def cache_dir() -> Path:
-    """ddaepp's cache: `$DDAEPP_CACHE`, else `~/.cache/ddaepp` (as for the Inception weights)."""
-    return Path(os.environ.get("DDAEPP_CACHE") or Path.home() / ".cache" / "ddaepp").expanduser()
-
-
 def default_weights_path(kind: str) -> Path:
     return cache_dir() / "weights" / KINDS[kind].file
+
+
+def resolve_vae(spec: str | os.PathLike | None, kind: Optional[str] = None, *,
+                download: bool = False) -> tuple[Path, Optional[str]]:
+    """`--vae` → (weights file, kind to check). A name of hub.py's table (vavae, sdvae, sdvae-mse, …) or an
+    hf://OWNER/REPO/FILE address resolves through hub.py (ddaepp's cache, the Hugging Face cache, then only
+    with `download` the Hub; sha256 checked); a path stays a path; none: the `kind`'s file (vavae unless given)."""
+    from .. import hub
+
+    if kind is not None and kind not in KINDS:
+        from ..errors import choices
+
+        raise UsageError(f"unknown --vae-kind {kind!r}; valid: {choices(KINDS)}")
+    if spec is None:
+        spec = kind or "vavae"
+    if not hub.is_reference(spec):
+        return Path(spec).expanduser(), kind
+    weight = hub.weight_for(str(spec))
+    if weight.vae_kind is None and not str(spec).startswith(hub.HF_PREFIX):
+        vaes = ", ".join(n for n, w in hub.WEIGHTS.items() if w.vae_kind)
+        raise UsageError(f"--vae {spec}: {weight.what} is not a VAE; VAE names: {vaes}")
+    if kind is not None and weight.vae_kind not in (None, kind):
+        raise UsageError(f"--vae {spec} is a {KINDS[weight.vae_kind].description}, not --vae-kind {kind}")
+    return hub.resolve(weight, download=download), kind or weight.vae_kind
 
 
 def missing_message(path: Path, kind: Optional[str]) -> str:
@@ -206,7 +226,7 @@ def convert_ldm_to_diffusers(sd: dict[str, Tensor], config: dict) -> dict[str, T
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    from .latents import sha256_file
+    from ..hub import sha256_file  # memoised: the file resolve_vae just verified is not hashed again
 
     return sha256_file(path)
 

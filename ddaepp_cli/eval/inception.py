@@ -21,7 +21,6 @@ it with `weights_only=True`, so a file holding anything but tensors is refused b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import tempfile
@@ -32,17 +31,14 @@ import torch
 
 from ..checkpoint import layout_mismatch
 from ..errors import UnavailableError, UsageError
+from ..hub import WEIGHTS, cache_dir, sha256_file
 
 EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name
-WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
-SHA256_PREFIX = "6726825d"
+# hub.py's table: not on the Hugging Face Hub; torch-fidelity's GitHub release, sha256 prefix in the name
+WEIGHTS_NAME = WEIGHTS["inception"].filename  # weights-inception-2015-12-05-6726825d.pth
+WEIGHTS_URL = WEIGHTS["inception"].url
+SHA256_PREFIX = WEIGHTS["inception"].sha256  # 6726825d
 WEIGHTS_MB = 95.6  # 23,885,486 float32 values
-
-
-def cache_dir() -> Path:
-    """ddaepp's cache: `$DDAEPP_CACHE`, else `~/.cache/ddaepp`."""
-    return Path(os.environ.get("DDAEPP_CACHE") or Path.home() / ".cache" / "ddaepp").expanduser()
 
 
 def default_weights_path() -> Path:
@@ -84,20 +80,9 @@ def find_weights(path: str | os.PathLike | None = None, *, download: bool = Fals
     return dest
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def sha256_of(path: Path) -> str:
-    """sha256 of a file (memoised on path, size and mtime: hashing 96 MB costs ~0.3 s)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
+    """sha256 of a file (hub.sha256_file: memoised on path, size and mtime; hashing 96 MB costs ~0.3 s)."""
+    return sha256_file(path)
 
 
 def is_official(sha256: str) -> bool:
