@@ -405,3 +405,28 @@ def test_latent_cache_finds_its_table_vae_in_the_hf_cache(hub, caches, monkeypat
     assert resolve_vae_path({"vae": {}}, vae="sdvae") == path
     with pytest.raises(UnavailableError, match="sdvae-mse weights not found"):
         resolve_vae_path(manifest, vae="sdvae-mse")
+
+
+@pytest.mark.slow
+def test_cache_latents_vae_sdvae_download_real_architecture(hub, caches, images, tmp_path, monkeypatch):
+    """The same with SD-VAE's real architecture (83,653,863 parameters, 335 MB, diffusers' released layout
+    from the manifest, random values): `--vae sdvae` checks the kind against it; only the table's sha256 is
+    this file's (the real weights are not fetched in tests)."""
+    from ddaepp_cli.data.vae import KINDS
+
+    files = M.write(M.load("vae_diffusers")["sizes"]["released"], tmp_path / "released",
+                    only=("diffusion_pytorch_model.safetensors",))
+    data = files["diffusion_pytorch_model.safetensors"].read_bytes()
+    files["diffusion_pytorch_model.safetensors"].unlink()
+    w = _entry(monkeypatch, "sdvae", data)
+    hub.add(w.repo_id, w.filename, data, commit=w.revision)
+    hub.populate(caches["hf"], w.repo_id, w.filename)
+    hub.files.clear()
+    del data
+    attempts = no_network(monkeypatch)
+    code, err, out = cli("cache-latents", "--data", images, "--vae", "sdvae", "--download", "--image-size", "16",
+                         "--num-workers", "0", "--batch-size", "6", "--out", tmp_path / "lat", "--json")
+    assert code == 0, err
+    vae = json.loads((tmp_path / "lat" / "manifest.json").read_text())["vae"]
+    assert vae["kind"] == "sdvae" and vae["params"] == KINDS["sdvae"].params == 83_653_863
+    assert vae["sha256"] == w.sha256 and json.loads(out)["latent_shape"] == [4, 2, 2] and attempts == []
