@@ -232,9 +232,12 @@ def _from_hf_cache(weight: Weight) -> Optional[Path]:
 def download_commands(weight: Weight) -> str:
     """The commands that fetch `weight`: ddaepp's own (the current command with --download) and the Hub CLI's."""
     argv = sys.argv[1:]
-    ours = Path(sys.argv[0]).name in ("ddaepp", "__main__.py") and argv
-    rerun = (f"`{shlex.join(['ddaepp', *argv, '--download'])}`" if ours and "--download" not in argv
-             else "the same ddaepp command with --download")
+    if "--download" in argv:  # it was asked for and failed (offline, no network)
+        rerun = "it again where the Hub can be reached (HF_HUB_OFFLINE unset)"
+    elif Path(sys.argv[0]).name in ("ddaepp", "__main__.py") and argv:
+        rerun = f"`{shlex.join(['ddaepp', *argv, '--download'])}`"
+    else:
+        rerun = "the same ddaepp command with --download"
     if weight.repo_id is None:
         return f"run {rerun} (fetches {weight.url})"
     rev = f" --revision {weight.revision}" if weight.revision else ""

@@ -355,6 +355,11 @@ def test_cache_latents_missing_named_vae_exits_3_with_the_commands(caches, image
     assert "huggingface-cli download" in err[0] and str(caches["hf"]) in err[0]
     code, err, _ = cli("cache-latents", "--data", images, "--vae", "sdvae", "--download", "--out", tmp_path / "lat")
     assert code == 3 and len(err) == 1 and "HF_HUB_OFFLINE is set" in err[0], err
+    from conftest import run_cli  # the installed command's own argv: the exact command to run again
+
+    r = run_cli("cache-latents", "--data", images, "--vae", "sdvae", "--out", tmp_path / "lat", timeout=120)
+    assert r.returncode == 3 and f"`ddaepp cache-latents --data {images} --vae sdvae --out {tmp_path / 'lat'} " \
+        "--download`" in r.stderr, r.stderr
     code, err, _ = cli("cache-latents", "--data", images, "--vae", "sdvae", "--vae-kind", "vavae", "--out", tmp_path / "l")
     assert code == 2 and "not --vae-kind vavae" in err[0]
     code, err, _ = cli("cache-latents", "--data", images, "--vae", "inception", "--out", tmp_path / "l")
