@@ -23,6 +23,7 @@ from . import analysis  # noqa: F401  probe, cka, align, noisy-classifier
 from . import evaluate  # noqa: F401  fid, segprobe
 from . import latent  # noqa: F401  profile-layers, cache-latents, export-digits
 from . import importing  # noqa: F401  import
+from . import exporting  # noqa: F401  export
 from .base import FlagHelpCommand, app, emit_json, handle_errors, interrupted_message, resolve_recipe_path  # noqa: F401
 from .. import threads
 

@@ -16,8 +16,8 @@ from ..errors import UsageError
              "--out runs/ddae_edm_ddpmpp")
 def import_cmd(
     source: str = typer.Argument(..., help="The checkpoint file (.pt/.pth/.ckpt read with torch.load(weights_only=True), or .safetensors), or hf://OWNER/REPO/FILE on the Hugging Face Hub (looked up in the Hugging Face cache; fetched only with --download)."),
-    family: str = typer.Option(..., "--from", help="ddae, uvit, lightningdit, sra, repa, dit, sit."),
-    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML or shipped recipe name whose network matches the checkpoint."),
+    family: str = typer.Option(..., "--from", help="ddae, uvit, lightningdit, sra, repa, dit, sit; diffusers-dit: SOURCE is a diffusers DiT folder (docs/import.md)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML or shipped recipe name whose network matches the checkpoint (diffusers-dit: optional, a base recipe; the network comes from config.json)."),
     out: Path = typer.Option(..., "--out", help="New run folder (must not exist or be empty)."),
     weights: str = weights_option("ema: the file's EMA weights become ema.safetensors (raw weights, where present, model.safetensors); model: its raw weights become both."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Latent families: the VAE the network was trained with (LDM or diffusers layout): a path, a name (sdvae, vavae, …: docs/offline.md) or hf://OWNER/REPO/FILE."),
@@ -28,6 +28,12 @@ def import_cmd(
     json_out: bool = json_option(),
 ) -> None:
     """Convert a DDAE / U-ViT / LightningDiT / DiT / SiT / REPA / SRA checkpoint into a run: keys, conventions, a source record."""
+    if family == "diffusers-dit":  # a folder, not a file (importers/diffusers_dit.py)
+        from .exporting import import_diffusers
+
+        return import_diffusers(Path(source), recipe, out, vae, list(set_), json_out)
+    if recipe is None:
+        raise UsageError(f"--from {family} needs --recipe: the recipe whose network matches the checkpoint")
     from ..recipe import load_recipe
 
     rec = load_recipe(resolve_recipe_path(recipe), list(set_))  # recipe and source first: no torch needed

@@ -13,6 +13,7 @@
                                            `sample` decodes with (no latents inside)
 
 The run has no `state.pt`: `sample`, `fid`, `probe`, `cka`, … read it; `train` cannot resume it.
+diffusers DiT folders (`--from diffusers-dit`) go through diffusers_dit.py, which also exports.
 One module per family (ddae, uvit, lightningdit; sit for DiT, SiT, REPA and SRA) provides `extract`
 (file object → state dicts, drops) and `convert` (state dict → ddaepp keys); this driver checks,
 records and writes.
@@ -72,7 +73,7 @@ def import_checkpoint(source: str | os.PathLike, *, family: str, recipe, out: st
     from ..recipe import replace
 
     if family not in FAMILIES:
-        raise UsageError(f"unknown --from {family!r}; valid: {choices(FAMILIES)}")
+        raise UsageError(f"unknown --from {family!r}; valid: {choices([*FAMILIES, 'diffusers-dit (a folder)'])}")
     if weights not in ("ema", "model"):
         raise UsageError(f"--weights must be ema or model, got {weights!r}")
     fam = FAMILIES[family]
