@@ -435,3 +435,18 @@ def test_cache_latents_vae_sdvae_download_real_architecture(hub, caches, images,
     vae = json.loads((tmp_path / "lat" / "manifest.json").read_text())["vae"]
     assert vae["kind"] == "sdvae" and vae["params"] == KINDS["sdvae"].params == 83_653_863
     assert vae["sha256"] == w.sha256 and json.loads(out)["latent_shape"] == [4, 2, 2] and attempts == []
+
+
+def test_import_vae_name_resolves_from_the_hf_cache(hub, caches, tiny_sdvae, tmp_path, monkeypatch):
+    """`ddaepp import DiT.pt --from dit --vae sdvae`: the named VAE comes from the Hub cache, offline."""
+    from test_import import DIT_SET, dit_family_file
+
+    w = _entry(monkeypatch, "sdvae", tiny_sdvae)
+    hub.add(w.repo_id, w.filename, tiny_sdvae, commit=w.revision)
+    hub.populate(caches["hf"], w.repo_id, w.filename)
+    src, _ = dit_family_file(tmp_path, "dit", "released", rename="DiT-B-2.pt")
+    attempts = no_network(monkeypatch)
+    code, err, out = cli("import", src, "--from", "dit", "--recipe", "imagenet256_sra_ditxl", "--out", tmp_path / "run",
+                         *DIT_SET, "--vae", "sdvae", "--json")
+    assert code == 0, err
+    assert json.loads(out)["latents"]["vae"]["sha256"] == w.sha256 and attempts == []
