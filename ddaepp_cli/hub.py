@@ -290,3 +290,64 @@ def resolve_spec(spec, *, download: bool = False, revision: Optional[str] = None
     if revision is not None:
         raise UsageError("--revision applies to hf://OWNER/REPO/FILE sources only")
     return Path(spec).expanduser()
+
+
+# ------------------------------------------------------------------------------------------------
+# Folders: a diffusers model repository (`import hf://OWNER/REPO --from diffusers-dit`)
+# ------------------------------------------------------------------------------------------------
+
+# what a diffusers pipeline or model folder needs: configs and weights (safetensors first; .bin only where
+# a folder has no safetensors, as diffusers' own loader prefers them)
+FOLDER_PATTERNS = ("*.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def parse_hf_folder(spec: str) -> tuple[str, Optional[str]]:
+    """hf://OWNER/REPO[/SUBFOLDER] → (OWNER/REPO, SUBFOLDER or None)."""
+    parts = spec[len(HF_PREFIX):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise UsageError(f"{spec!r} is not a Hub repository address: expected hf://OWNER/REPO[/SUBFOLDER] "
+                         "(e.g. hf://facebook/DiT-XL-2-256)")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
+def folder_commands(repo_id: str, revision: Optional[str]) -> str:
+    argv = sys.argv[1:]
+    if "--download" in argv:
+        rerun = "it again where the Hub can be reached (HF_HUB_OFFLINE unset)"
+    elif Path(sys.argv[0]).name in ("ddaepp", "__main__.py") and argv:
+        rerun = f"`{shlex.join(['ddaepp', *argv, '--download'])}`"
+    else:
+        rerun = "the same ddaepp command with --download"
+    rev = f" --revision {revision}" if revision else ""
+    return (f"run {rerun}, or `hf download {repo_id}{rev}` (older huggingface_hub: "
+            f"`huggingface-cli download {repo_id}{rev}`)")
+
+
+def resolve_folder(spec: str, *, download: bool = False, revision: Optional[str] = None) -> Path:
+    """The local snapshot folder of hf://OWNER/REPO[/SUBFOLDER]: the Hugging Face cache
+    (`snapshot_download(local_files_only=True)`, never the network), or with `--download` the Hub.
+    A folder has no pinned hash: diffusers' loaders check what they read."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, sub = parse_hf_folder(spec)
+    patterns = [f"{sub}/{p}" for p in FOLDER_PATTERNS] if sub else list(FOLDER_PATTERNS)
+    missing = (f"{spec} is not in the Hugging Face cache {hf_cache_dir()} ({repo_id} at {revision or 'main'}). "
+               f"To fetch it, {folder_commands(repo_id, revision)}")
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision, cache_dir=hf_cache_dir(), local_files_only=True,
+                                      allow_patterns=patterns))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        root = None
+    if root is None or not (root / sub if sub else root).is_dir():
+        if not download:
+            raise UnavailableError(missing)
+        if hf_offline():
+            raise UnavailableError(f"--download: HF_HUB_OFFLINE is set, so {repo_id} cannot be fetched. " + missing)
+        try:
+            root = Path(snapshot_download(repo_id, revision=revision, cache_dir=hf_cache_dir(),
+                                          allow_patterns=patterns, endpoint=os.environ.get("HF_ENDPOINT") or None))
+        except Exception as e:  # no network, unknown repository / revision, gated repository
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise UnavailableError(f"--download: fetching {repo_id} failed ({reason}). " + missing) from None
+    return root / sub if sub else root

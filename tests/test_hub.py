@@ -450,3 +450,49 @@ def test_import_vae_name_resolves_from_the_hf_cache(hub, caches, tiny_sdvae, tmp
                          *DIT_SET, "--vae", "sdvae", "--json")
     assert code == 0, err
     assert json.loads(out)["latents"]["vae"]["sha256"] == w.sha256 and attempts == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Folders: `ddaepp import hf://OWNER/REPO[/SUBFOLDER] --from diffusers-dit`
+# ------------------------------------------------------------------------------------------------
+
+
+def test_import_diffusers_dit_from_a_hub_repository_in_the_cache_offline(tmp_path, hub, caches, monkeypatch):
+    """A diffusers DiT repository (as facebook/DiT-XL-2-256 is published: a folder, not one file) is read from the
+    Hugging Face cache without the network, and gives the run the same folder on disk gives; absent, exit 3 in
+    one line with the commands that fetch it."""
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+
+    cfg = M.load("diffusers_dit")["sizes"]["small"]["DiTTransformer2DModel"]
+    torch.manual_seed(0)
+    theirs = diffusers.DiTTransformer2DModel(**cfg)
+    for block in theirs.transformer_blocks[1:]:  # one DiT embedder, copied into every block as diffusers' DiTs hold it
+        block.norm1.emb.load_state_dict(theirs.transformer_blocks[0].norm1.emb.state_dict())
+    theirs.save_pretrained(tmp_path / "pipe" / "transformer")  # diffusers' own writer
+    files = sorted(p.relative_to(tmp_path / "pipe").as_posix() for p in (tmp_path / "pipe").rglob("*") if p.is_file())
+    for name in files:
+        hub.add("someone/tiny-dit", name, (tmp_path / "pipe" / name).read_bytes())
+        hub.populate(caches["hf"], "someone/tiny-dit", name)
+    attempts = no_network(monkeypatch)
+
+    code, err, out = cli("import", "hf://someone/tiny-dit/transformer", "--from", "diffusers-dit",
+                         "--out", tmp_path / "from-hub")
+    assert code == 0, err
+    code, err, _ = cli("import", tmp_path / "pipe" / "transformer", "--from", "diffusers-dit",
+                       "--out", tmp_path / "from-disk")
+    assert code == 0, err
+    a = load_file(str(next((tmp_path / "from-hub" / "checkpoints").iterdir()) / "ema.safetensors"))
+    b = load_file(str(next((tmp_path / "from-disk" / "checkpoints").iterdir()) / "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    code, err, _ = cli("import", "hf://someone/absent-dit", "--from", "diffusers-dit", "--out", tmp_path / "x")
+    assert code == 3 and len(err) == 1, err
+    assert "someone/absent-dit" in err[0] and "hf download someone/absent-dit" in err[0] and "--download" in err[0]
+    assert not (tmp_path / "x").exists()
+    code, err, _ = cli("import", "hf://someone/absent-dit", "--from", "diffusers-dit", "--out", tmp_path / "x",
+                       "--download")  # HF_HUB_OFFLINE: refused in one line, still no network
+    assert code == 3 and len(err) == 1 and "HF_HUB_OFFLINE" in err[0], err
+    code, err, _ = cli("import", "hf://someone", "--from", "diffusers-dit", "--out", tmp_path / "x")
+    assert code == 2 and len(err) == 1 and "hf://OWNER/REPO" in err[0], err
+    assert attempts == []

@@ -30,7 +30,18 @@ def import_cmd(
     """Convert a DDAE / U-ViT / LightningDiT / DiT / SiT / REPA / SRA checkpoint into a run: keys, conventions, a source record."""
     if family == "diffusers-dit":  # a folder, not a file (importers/diffusers_dit.py)
         from .exporting import import_diffusers
+        from ..hub import HF_PREFIX
 
+        if source.startswith(HF_PREFIX):  # hf://OWNER/REPO[/SUBFOLDER]: the cached snapshot (--download: the Hub)
+            from ..hub import resolve_folder
+
+            source = resolve_folder(source, download=download, revision=revision)
+        elif revision is not None:
+            raise UsageError("--revision applies to hf:// sources only")
+        if vae is not None:  # a name or hf:// file → the verified local file
+            from ..data.vae import resolve_vae
+
+            vae = resolve_vae(vae, download=download)[0]
         return import_diffusers(Path(source), recipe, out, vae, list(set_), json_out)
     if recipe is None:
         raise UsageError(f"--from {family} needs --recipe: the recipe whose network matches the checkpoint")
