@@ -8,8 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from .base import (check_plot_for_checkpoints, check_run_or_ckpt, command, dataset_option, device_option, json_option,
-                   report, report_checkpoints, run_argument, threads_option, weights_option)
+from .base import (check_log_to_run, check_plot_for_checkpoints, check_run_or_ckpt, command, dataset_option,
+                   device_option, json_option, log_to_run, log_to_run_option, report, report_checkpoints, run_argument,
+                   threads_option, weights_option)
 from ..threads import use_threads
 
 
@@ -38,12 +39,14 @@ def probe(
     seed: int = typer.Option(0, "--seed", help="Batch order, flips, noise and head initialisation."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Heatmap PNG (default: next to the eval record)."),
+    log_to_run_: bool = log_to_run_option(),
     threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Linear probe: grid search over layers × timesteps in one pass, then the final probe on the test set."""
     check_run_or_ckpt(run_or_ckpt)
     check_plot_for_checkpoints(plot, checkpoints)
+    tracked = check_log_to_run(run_or_ckpt, log_to_run_)
     use_threads(threads)
     from ..eval.latentprobe import over_checkpoints
     from ..eval.probe import print_probe, probe as run_probe
@@ -56,6 +59,7 @@ def probe(
     if not result:  # ranks other than 0 of a multi-process launch
         return
     report_checkpoints(result, json_out, print_probe, "test accuracy (%)")
+    log_to_run(tracked, result)
 
 
 @command(epilog="Example: ddaepp cka runs/baseline runs/selfcond --timestep idx:4 --n 2048 --plot cka.png")
@@ -75,6 +79,7 @@ def cka(
     seed: int = typer.Option(0, "--seed", help="Noise seed (shared by both models)."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Heatmap PNG (default: next to the eval record)."),
+    log_to_run_: bool = log_to_run_option(),
     threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
@@ -82,6 +87,7 @@ def cka(
     for path in (run_or_ckpt, other):
         if path is not None:
             check_run_or_ckpt(path)
+    tracked = check_log_to_run(run_or_ckpt, log_to_run_)  # the first model's run
     use_threads(threads)
     from ..eval.cka import cka_command, print_cka
 
@@ -89,6 +95,7 @@ def cka(
                          data_root=data_root, test_root=test_root, split=split, features=features, batch_size=batch_size, weights=weights,
                          seed=seed, device=device, plot=str(plot) if plot else None)
     report(result, json_out, print_cka)
+    log_to_run(tracked, result)
 
 
 @command(epilog="Example: ddaepp align runs/quickstart/checkpoints/step-* --layers out_1-4 --plot align.png")

@@ -110,6 +110,30 @@ def weights_option(help: str = "ema or raw."):
     return typer.Option("ema", "--weights", help=help)
 
 
+def log_to_run_option():
+    return typer.Option(False, "--log-to-run", help="Also put the result into the run's experiment tracker "
+                        "(the one train.log_with made) at the checkpoint's step, as eval/<metric>; see docs/tracking.md.")
+
+
+def check_log_to_run(run_or_ckpt: str, wanted: bool):
+    """`--log-to-run`'s checks before anything runs (no torch): the run folder, or None without the option."""
+    if not wanted:
+        return None
+    from ..training.tracking import check_log_to_run as check
+
+    return check(run_or_ckpt)
+
+
+def log_to_run(run, result) -> None:
+    """Put `result` into `run`'s trackers (rank 0: other ranks have no result) and say where it went."""
+    if run is None or not result:
+        return
+    from ..training.tracking import log_eval
+
+    for line in log_eval(run, result):
+        print(line, file=sys.stderr)
+
+
 def dataset_option():
     return typer.Option(None, "--dataset", help="digits, cifar10, cifar100 or imagefolder (default: the recipe's).")
 

@@ -11,8 +11,9 @@ from typing import Optional
 
 import typer
 
-from .base import (check_plot_for_checkpoints, check_run_or_ckpt, command, device_option, json_option, report,
-                   report_checkpoints, run_argument, threads_option, weights_option)
+from .base import (check_log_to_run, check_plot_for_checkpoints, check_run_or_ckpt, command, device_option, json_option,
+                   log_to_run, log_to_run_option, report, report_checkpoints, run_argument, threads_option,
+                   weights_option)
 from ..errors import UsageError
 from ..threads import use_threads
 
@@ -44,12 +45,14 @@ def fid(
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where registered reference sets live (default $DDAEPP_DATA, else ./data)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
     device: Optional[str] = device_option(),
+    log_to_run_: bool = log_to_run_option(),
     threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """FID, sFID, IS, KID and precision/recall through torch-fidelity's Inception, with a protocol record."""
     if not Path(samples_or_run).exists():  # before torch (eval.fid says the same after it)
         raise UsageError(f"no such folder, .npz or run: {samples_or_run}")
+    tracked = check_log_to_run(samples_or_run, log_to_run_)
     use_threads(threads)
     from ..eval.fid import fid as run_fid, print_fid
 
@@ -69,6 +72,7 @@ def fid(
     if not result:  # ranks other than 0
         return
     report(result, json_out, print_fid)
+    log_to_run(tracked, result)
 
 
 @command(epilog="Example: ddaepp segprobe runs/cifar10_edm_ddpmpp --dataset voc --data-root data/VOCdevkit --json")
@@ -91,6 +95,7 @@ def segprobe(
     workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding processes (default 4 on a GPU, 0 on a CPU)."),
     device: Optional[str] = device_option(),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of predictions beside ground truth (default: next to the eval record)."),
+    log_to_run_: bool = log_to_run_option(),
     threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
@@ -99,6 +104,7 @@ def segprobe(
         raise UsageError(f"--workers must be 0 or more, got {workers}")
     check_run_or_ckpt(run_or_ckpt)
     check_plot_for_checkpoints(plot, checkpoints)
+    tracked = check_log_to_run(run_or_ckpt, log_to_run_)
     use_threads(threads)
     from ..eval.latentprobe import over_checkpoints
     from ..eval.segprobe import print_segprobe, segprobe as run_segprobe
@@ -109,3 +115,4 @@ def segprobe(
         weights=weights, seed=seed, workers=workers, device=device, plot=str(plot) if plot else None),
         score=lambda r: r["miou"], command="segprobe")
     report_checkpoints(result, json_out, print_segprobe, "mIoU (%)")
+    log_to_run(tracked, result)

@@ -32,6 +32,7 @@ def train(
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="With --dry-run: plan for this many processes."),
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change", help="Resume a run folder whose stored recipe differs."),
     resume_from: Optional[int] = typer.Option(None, "--resume-from", metavar="STEP", help="Resume from this step's checkpoint instead of the latest; the checkpoints after it are moved aside to checkpoints/set-aside-step-N (not deleted)."),
+    log_with: Optional[str] = typer.Option(None, "--log-with", metavar="TRACKER", help="Experiment tracker through Accelerate: none, tensorboard, wandb or all-installed (shortcut for --set train.log_with=...; files in RUN/tracker/; see docs/tracking.md)."),
     threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
@@ -39,8 +40,12 @@ def train(
     from ..recipe import load_recipe
 
     # Everything checkable without torch first: a wrong path or key is answered at once.
-    overrides = list(set_) + ([f"train.seed={seed}"] if seed is not None else [])
+    overrides = list(set_) + ([f"train.seed={seed}"] if seed is not None else []) + \
+        ([f"train.log_with={log_with}"] if log_with is not None else [])
     rec = load_recipe(resolve_recipe_path(recipe), overrides)
+    from ..training.tracking import resolve as resolve_trackers
+
+    trackers = resolve_trackers(rec.train.log_with)  # a missing tensorboard / wandb: exit 3, before torch
     if max_steps is not None and max_steps <= 0:
         raise UsageError(f"--max-steps must be positive, got {max_steps}")
     if num_processes is not None and num_processes <= 0:
@@ -57,7 +62,7 @@ def train(
 
     if dry_run:
         world = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
-        out = plan_run(rec, world, max_steps) | {"threads": torch.get_num_threads()}
+        out = plan_run(rec, world, max_steps) | {"threads": torch.get_num_threads(), "trackers": trackers}
         report(out, json_out, _print_plan)
         return
     run_dir = run_dir or Path("runs") / rec.name
@@ -116,6 +121,8 @@ def _print_plan(out: dict) -> None:
             ("gradient accumulation", str(out["grad_accum"])),
             ("steps per epoch", str(out["steps_per_epoch"])), ("total steps", str(out["total_steps"])),
             ("warm-up steps", str(out["warmup_steps"]))]
+    if out.get("trackers"):
+        rows.append(("trackers", f"{', '.join(out['trackers'])} (in RUN/tracker/; docs/tracking.md)"))
     if "threads" in out:
         rows.append(("CPU threads", f"{out['threads']} per process (--threads, OMP_NUM_THREADS)"))
     for k, v in rows:

@@ -10,6 +10,9 @@ A latest checkpoint that is damaged (checkpoint.checkpoint_problem: a missing, t
 is refused before anything is written, in one line naming the newest intact earlier checkpoint and the
 command resuming from it (`--resume-from STEP`). Resuming from an earlier step sets the newer checkpoint
 folders aside (`checkpoints/set-aside-step-N`, checkpoint.set_aside_checkpoints) once that step has loaded.
+
+`train.log_with` adds an experiment tracker through Accelerate (tracking.py): the metrics.jsonl lines and the
+sample grids go to `<run>/tracker/` as they are written; a resume continues the same tracker run.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .faults import Faults
 from .metrics import MetricsLog, truncate_metrics
 from .state import TrainState, lr_at, rng_state
 from .step import train_step
+from .tracking import TrainingTrackers, resolve as resolve_trackers, tracker_dir
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +129,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, *, allow_recipe_change: bool)
     stored = run_dir / "recipe.yaml"
     if stored.is_file():
         old = checkpoint_recipe(run_dir)
-        diffs = [d for d in diff_recipes(old, recipe) if not d.startswith("name:")]
+        # the name and the tracker do not change what is trained: a resume may add or drop a tracker
+        diffs = [d for d in diff_recipes(old, recipe) if not d.startswith(("name:", "train.log_with:"))]
         if diffs and not allow_recipe_change:
             shown = "; ".join(diffs[:4]) + (f"; … ({len(diffs)} keys)" if len(diffs) > 4 else "")
             raise UsageError(f"{run_dir} was trained with another recipe ({shown}); "
@@ -224,21 +229,33 @@ class GridSampler:
             self.options = sampling_options(ts.recipe, ts.ema.module, seeds, device=ts.device)
         images = generate(ts.ema.module, ts.formulation, seeds, shape=self.shape, sampler=s.sampler, steps=s.steps,
                           clip=s.clip_x0, batch_size=s.batch_size, device=ts.device, **self.options)
-        save_grid(images, self.run_dir / "samples" / f"grid-{step:07d}.png")
+        save_grid(images, self.path(step))
+
+    def path(self, step: int) -> Path:
+        return self.run_dir / "samples" / f"grid-{step:07d}.png"
 
 
 def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe_change: bool,
            compile_kw: dict | None, resume_step: int | None = None, resume_command: str | None = None):
-    """Processes, the run folder check (rank 0's, for every rank: `_resume_point`), data, plan, and the
-    `TrainState`, resumed from the latest checkpoint (or `resume_step`'s) when there is one."""
-    from accelerate import Accelerator
+    """Processes, the run folder check (rank 0's, for every rank: `_resume_point`), data, plan, the
+    trackers and the `TrainState`, resumed from the latest checkpoint (or `resume_step`'s) when there is one."""
+    from accelerate import Accelerator, PartialState
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # processes and DDP; precision is the state's
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    names = resolve_trackers(recipe.train.log_with)  # a missing tracker package: exit 3 before anything runs
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)  # the processes; the Accelerator follows once the resumed step is known
+    rank, world = state.process_index, state.num_processes
     faults = Faults.from_env(rank)
     resume_from, newer = _resume_point(run_dir, recipe, allow_recipe_change=allow_recipe_change,
                                        resume_step=resume_step, resume_command=resume_command,
-                                       main=accelerator.is_main_process, world=world)
+                                       main=state.is_main_process, world=world)
+    trackers = TrainingTrackers(run_dir, names, main=state.is_main_process)
+    start_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
+    # DDP and the trackers (TensorBoard drops the events an interrupted session wrote after start_step);
+    # precision is the state's
+    accelerator = Accelerator(cpu=cpu, log_with=trackers.instances(start_step),
+                              project_dir=str(tracker_dir(run_dir)) if names else None)
+    device = accelerator.device
     dataset = load_training_data(recipe)
     if world > 1:  # each rank read the data itself: the plan (steps, epochs) must be every rank's
         from accelerate.utils import gather_object
@@ -272,7 +289,8 @@ def _start(recipe: Recipe, run_dir: Path, *, max_steps: int | None, allow_recipe
                  + ", ".join(f"{a.name} -> {b.name}" for a, b in zip(newer, moved)))
     if accelerator.is_main_process:
         _write_run_files(run_dir, recipe, ts, resume_from)
-    return accelerator, ts, dataset, plan
+        trackers.start(accelerator, recipe, ts.step)
+    return accelerator, ts, dataset, plan, trackers
 
 
 def _resume_point(run_dir: Path, recipe: Recipe, *, allow_recipe_change: bool, main: bool, world: int,
@@ -353,14 +371,23 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
     `resume_step`: resume from that step's checkpoint instead of the latest (`--resume-from`);
     `resume_command`: the command line that trains this run, named (plus --resume-from N) in the refusal
     of a damaged checkpoint."""
+    run_dir = Path(run_dir)
+    accelerator, ts, dataset, plan, trackers = _start(recipe, run_dir, max_steps=max_steps, compile_kw=compile_kw,
+                                                      allow_recipe_change=allow_recipe_change,
+                                                      resume_step=resume_step, resume_command=resume_command)
+    try:
+        return _loop(recipe, run_dir, accelerator, ts, dataset, plan, trackers)
+    finally:
+        trackers.finish()
+
+
+def _loop(recipe: Recipe, run_dir: Path, accelerator, ts: TrainState, dataset, plan: Plan,
+          trackers: TrainingTrackers) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
     from ..data import BatchStream, to_model_range
 
-    run_dir, t = Path(run_dir), recipe.train
-    accelerator, ts, dataset, plan = _start(recipe, run_dir, max_steps=max_steps, compile_kw=compile_kw,
-                                            allow_recipe_change=allow_recipe_change, resume_step=resume_step,
-                                            resume_command=resume_command)
+    t = recipe.train
     device, rank, world, main = ts.device, ts.rank, ts.world, accelerator.is_main_process
     stream = BatchStream(dataset, global_batch=t.global_batch, rank=rank, world_size=world, seed=t.seed,
                          start_step=ts.step, num_workers=recipe.data.num_workers if not dataset.in_memory else 0,
@@ -410,6 +437,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                     rec = log.write(step=ts.step, epoch=ts.step / plan.steps_per_epoch, grad_norm=r.grad_norm,
                                     lr=lr_at(recipe, ts.step - 1, plan.warmup_steps or 0),
                                     nonfinite=ts.nonfinite_total)
+                    trackers.log(rec)
                     shown = f"{rec['loss']:.4f}" if rec["loss"] is not None else "skipped"
                     bar.update(0, extra=f"loss {shown} {rec['img_per_s']:.1f} img/s")
                 bar.update(1)
@@ -424,6 +452,7 @@ def train(recipe: Recipe, run_dir: str | os.PathLike, *, max_steps: int | None =
                 if main and t.sample_every and recipe.sample.steps != 0 and \
                         (ts.step % t.sample_every == 0 or ts.step == total):
                     grid(ts.step)
+                    trackers.log_grid(grid.path(ts.step), ts.step)
                 if signalled:
                     accelerator.wait_for_everyone()
                     raise Interrupted(f"interrupted at step {ts.step}; checkpoint written to {ckpt_dir}; "
