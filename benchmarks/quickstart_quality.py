@@ -220,7 +220,7 @@ def print_table(res: dict, source: str) -> None:
     for col, kw in (("measure", {}), ("samples", {"justify": "right"}), ("real held-out", {"justify": "right"}),
                     ("value", {"justify": "right"}), ("target", {}), ("met", {"justify": "center"})):
         table.add_column(col, **kw)
-    table.add_row(f"share labelled with p ≥ {CONFIDENCE}", f"{s['confident_share']:.1%}",
+    table.add_row(f"share with p ≥ {CONFIDENCE}", f"{s['confident_share']:.1%}",
                   f"{r['confident_share']:.1%}", f"{res['ratio']:.3f}", f"ratio ≥ {TARGETS['ratio']}",
                   yes[res["targets"]["ratio"]["met"]])
     table.add_row("label entropy ÷ log 10", f"{s['label_entropy']:.3f}", f"{r['label_entropy']:.3f}",
@@ -228,7 +228,7 @@ def print_table(res: dict, source: str) -> None:
     table.add_row("mean top probability", f"{s['mean_confidence']:.3f}", f"{r['mean_confidence']:.3f}", "", "", "")
     table.add_row("labels 0..9", " ".join(map(str, s["label_counts"])), " ".join(map(str, r["label_counts"])),
                   "", "", "")
-    Console(width=max(110, Console().width)).print(table)
+    Console(width=max(120, Console().width)).print(table)
     print(f"classifier: RBF SVC on the digits train split, held-out accuracy {r['accuracy']:.1%}; "
           f"targets {'met' if res['met'] else 'NOT met'}")
 

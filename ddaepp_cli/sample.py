@@ -120,11 +120,12 @@ def generate(model: torch.nn.Module, formulation, seeds: Sequence[int], *, shape
              batch_size: int = 256, device: torch.device | str = "cpu", show_progress: bool = False,
              class_labels: Sequence[int] | None = None, cfg_scale: float = 1.0,
              cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_channels: str = "all", decode=None,
-             ) -> torch.Tensor:
+             churn: tuple | None = None) -> torch.Tensor:
     """uint8 images (N, C, H, W) for `seeds`, computed `batch_size` at a time.
 
     `class_labels` (one per seed) with CFG for class-conditional models; `decode` maps the sampler's
-    output (latents) to images in [−1, 1] (the VAE decoder, latents.py)."""
+    output (latents) to images in [−1, 1] (the VAE decoder, latents.py); `churn` makes heun EDM's
+    stochastic sampler (diffusion/samplers.py)."""
     from .data import from_model_range
     from .diffusion.cfg import guided_denoiser
     from .diffusion.samplers import sample as run_sampler
@@ -134,6 +135,9 @@ def generate(model: torch.nn.Module, formulation, seeds: Sequence[int], *, shape
     if sampler not in formulation.samplers:
         raise UsageError(f"sampler {sampler!r} is not available for {formulation.name}; "
                          f"valid: {choices(formulation.samplers)}")
+    if churn is not None and sampler != "heun":
+        raise UsageError(f"sample.s_churn {churn[0]} (EDM's stochastic sampler) needs the heun sampler, not "
+                         f"{sampler}: drop --sampler (`ddaepp sample`: or add --churn 0)")
     was_training = model.training
     model.eval()
     out = []
@@ -148,7 +152,8 @@ def generate(model: torch.nn.Module, formulation, seeds: Sequence[int], *, shape
                 denoise = guided_denoiser(formulation, model, y, null_label=model.num_classes, scale=cfg_scale,
                                           interval=cfg_interval, channels=cfg_channels)
             x_T = per_sample_randn(chunk, shape, device=device, dtype=torch.float32) * formulation.prior_scale()
-            x0 = run_sampler(formulation, denoise, x_T, sampler=sampler, steps=steps, seeds=chunk, clip=clip)
+            x0 = run_sampler(formulation, denoise, x_T, sampler=sampler, steps=steps, seeds=chunk, clip=clip,
+                             churn=churn)
             if decode is not None:
                 x0 = decode(x0.float())  # latents → images in [−1, 1]
             out.append(from_model_range(x0.float()).cpu())
@@ -178,7 +183,8 @@ def sampling_options(recipe: Recipe, model: torch.nn.Module, seeds: Sequence[int
         decode = load_decoder(recipe.data.root, device=device, vae=recipe.data.vae, scale=recipe.data.latent_scale)
     return dict(class_labels=class_labels_for(seeds, num_classes, mode, class_label), cfg_scale=scale,
                 cfg_interval=tuple(s.cfg_interval if cfg_interval is None else cfg_interval),
-                cfg_channels=s.cfg_channels, decode=decode)
+                cfg_channels=s.cfg_channels, decode=decode,
+                churn=(s.s_churn, s.s_min, s.s_max, s.s_noise) if s.s_churn > 0 else None)
 
 
 def resolve_steps(formulation, sampler: str, steps: int | None, recipe_steps: int | None) -> int | None:
@@ -279,7 +285,7 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
                    steps: int | None, weights: str, formats: list[str], batch_size: int | None,
                    clip: bool | None, force: bool = False, cfg_scale: float | None = None,
                    cfg_interval: str | None = None, class_label: int | None = None,
-                   labels: str | None = None) -> dict[str, Any]:
+                   labels: str | None = None, churn: float | None = None) -> dict[str, Any]:
     """Library entry of `ddaepp sample` (multi-process aware: seeds are sharded, rank 0 writes)."""
     from accelerate import PartialState
 
@@ -288,6 +294,10 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     recipe, model, ckpt = load_model(run_or_ckpt, weights, device)
+    if churn is not None:  # --churn: the recipe's sample.s_churn for this command (validated as the recipe is)
+        from .recipe import replace
+
+        recipe = replace(recipe, [f"sample.s_churn={churn}"] + ([f"sample.sampler={sampler}"] if sampler else []))
     weights = weights_of(run_or_ckpt, weights)  # a named model.safetensors samples the raw weights
     formulation = build_formulation(recipe)
     sampler = sampler or recipe.sample.sampler or formulation.samplers[0]
@@ -326,6 +336,7 @@ def sample_command(run_or_ckpt: str, *, seeds: list[int], out: str | None, sampl
             images = torch.stack([order[s] for s in seeds])
     record = {"command": "sample", "checkpoint": str(ckpt), "weights": weights, "sampler": sampler,
               "steps": steps, "clip_x0": clip, "seeds": [seeds[0], seeds[-1]], "n": len(seeds),
+              "churn": dict(zip(("s_churn", "s_min", "s_max", "s_noise"), opts["churn"])) if opts["churn"] else None,
               "formulation": recipe.diffusion.formulation, "backbone": recipe.model.backbone,
               "cfg_scale": opts["cfg_scale"], "cfg_interval": list(opts["cfg_interval"]),
               "cfg_channels": opts["cfg_channels"], "labels": mode, "class_labels": describe_labels(mode),

@@ -392,3 +392,92 @@ def test_sde_noise_follows_the_seeds_at_any_batch_size():
     assert torch.equal(together, torch.cat([run([s]) for s in (0, 5, 17)]))
     x = sample(form, denoise, prior_sample(form, [3, 3], (1, 4, 4)), sampler="sde", steps=5, seeds=[3, 4])
     assert not torch.allclose(x[0], x[1])  # same start, different step noise
+
+
+# ---------------------------------------------------------------------------------------------
+# EDM's stochastic sampler (Karras et al., 2022, Alg. 2): heun with churn
+
+
+def edm_alg2_reference(denoiser_x0, x_T, sigmas, noises, s_churn, s_min, s_max, s_noise):
+    """NVlabs/edm generate.py `edm_sampler` transcribed: D(x; σ) is the x̂0 denoiser, `noises[i]` the z of step i."""
+    n = len(sigmas) - 1
+    x_next = x_T.double()
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x_cur = x_next
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_min <= t_cur <= s_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * s_noise * noises[i]
+        d_cur = (x_hat - denoiser_x0(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < n - 1:
+            d_prime = (x_next - denoiser_x0(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+@pytest.mark.parametrize("churn", [(40.0, 0.05, 50.0, 1.003), (2.0, 0.0, None, 1.0)])
+def test_stochastic_heun_is_edm_algorithm_2(churn):
+    form = build_formulation("edm")
+    net = oracle_net(form)
+    denoise = form.denoiser(net, clip=False)
+    seeds = [3, 11, 42]
+    x_T = prior_sample(form, seeds, (1, 4, 4), dtype=torch.float64)
+    grid = form.time_grid("heun", 10)
+    sigmas = grid.tolist()
+    noises = [per_sample_randn(seeds, (1, 4, 4), dtype=torch.float64, stream=i + 1) for i in range(len(sigmas) - 1)]
+    s_churn, s_min, s_max, s_noise = churn
+
+    def x0_of(x, sigma):
+        return denoise(x, torch.full((x.shape[0],), sigma, dtype=torch.float64)).x0
+
+    want = edm_alg2_reference(x0_of, x_T, sigmas, noises, s_churn, s_min, math.inf if s_max is None else s_max, s_noise)
+    got = sample(form, denoise, x_T, sampler="heun", steps=10, seeds=seeds, clip=False, churn=churn)
+    assert torch.allclose(got, want, rtol=0, atol=1e-10)
+    deterministic = sample(form, denoise, x_T, sampler="heun", steps=10, seeds=seeds, clip=False)
+    assert (got - deterministic).abs().max() > 1e-3  # the churn is there
+    assert torch.equal(sample(form, denoise, x_T, sampler="heun", steps=10, seeds=seeds, clip=False,
+                              churn=(0.0, 0.0, None, 1.0)), deterministic)  # S_churn 0 is Alg. 1
+    # per-sample noise: one seed's image does not depend on the batch it is in
+    one = sample(form, denoise, x_T[1:2], sampler="heun", steps=10, seeds=seeds[1:2], clip=False, churn=churn)
+    assert torch.allclose(one, got[1:2], rtol=0, atol=1e-12)
+
+
+def test_stochastic_heun_is_refused_outside_edm_heun():
+    from ddaepp_cli.recipe import load_recipe
+    from ddaepp_cli.cli import resolve_recipe_path
+
+    for bad in (["diffusion.formulation=rf", "sample.s_churn=40"], ["sample.sampler=ddim", "sample.s_churn=40"],
+                ["sample.s_churn=-1"], ["sample.s_noise=0"], ["sample.s_min=1", "sample.s_max=0.5"]):
+        with pytest.raises(UsageError, match="s_churn"):
+            load_recipe(resolve_recipe_path("quickstart"), bad)
+    form = build_formulation("rf")
+    with pytest.raises(ValueError, match="edm"):
+        sample(form, form.denoiser(oracle_net(form), clip=False), torch.zeros(1, 1, 4, 4), sampler="heun", steps=4,
+               seeds=[0], churn=(40.0, 0.0, None, 1.0))
+
+
+def test_sample_command_churn_from_the_recipe_and_churn_option(tmp_path):
+    """The quickstart recipe samples with EDM's stochastic Heun; `--churn 0` is Alg. 1; another sampler needs
+    `--churn 0` (one line, exit 2); the record says which."""
+    import json
+
+    import numpy as np
+
+    from conftest import cli_inprocess
+
+    run = tmp_path / "qs"
+    r = cli_inprocess("train", "quickstart", "--run-dir", run, "--max-steps", "2", "--set", "train.sample_every=0")
+    assert r.returncode == 0, r.output
+    outs = {}
+    for name, extra in (("recipe", []), ("alg1", ["--churn", "0"]), ("churn1", ["--churn", "1"])):
+        r = cli_inprocess("sample", run, "--n", "3", "--steps", "6", "--out", tmp_path / name, "--json", *extra)
+        assert r.returncode == 0, r.output
+        outs[name] = json.loads(r.stdout)
+    assert outs["recipe"]["churn"] == {"s_churn": 40.0, "s_min": 0.05, "s_max": 50.0, "s_noise": 1.003}
+    assert outs["alg1"]["churn"] is None and outs["churn1"]["churn"]["s_churn"] == 1.0
+    images = {k: np.load(tmp_path / k / "samples.npz")["arr_0"] for k in outs}
+    assert not np.array_equal(images["recipe"], images["alg1"]) and not np.array_equal(images["recipe"], images["churn1"])  # γ = 1/6, not the cap
+    r = cli_inprocess("sample", run, "--n", "2", "--sampler", "ddim", "--out", tmp_path / "ddim")
+    assert r.returncode == 2 and "--churn 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    r = cli_inprocess("sample", run, "--n", "2", "--sampler", "ddim", "--churn", "0", "--out", tmp_path / "ddim")
+    assert r.returncode == 0, r.output

@@ -170,6 +170,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (must not exist or be empty)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's/formulation's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the paper's)."),
+    churn: Optional[float] = typer.Option(None, "--churn", help="EDM's stochastic Heun sampler: S_churn (0 = the deterministic one; default: the recipe's sample.s_churn)."),
     weights: str = weights_option(),
     fmt: str = typer.Option("png,npz,grid", "--format", help="Comma list of png, npz, grid."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (results do not depend on it)."),
@@ -200,7 +201,7 @@ def sample(
     result = sample_command(run_or_ckpt, seeds=seed_list, out=str(out) if out else None, sampler=sampler,
                             steps=steps, weights=weights, formats=parse_formats(fmt), batch_size=batch_size,
                             clip=clip, force=force, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                            class_label=class_label, labels=labels)
+                            class_label=class_label, labels=labels, churn=churn)
     if int(os.environ.get("RANK", "0")) == 0:
         if json_out:
             emit_json(result)

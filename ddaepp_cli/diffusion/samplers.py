@@ -159,15 +159,37 @@ def sde(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *,
     return step(formulation, denoise, x, grid, seeds=seeds)
 
 
-def heun(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *, seeds=None) -> tuple[Tensor, int]:
-    """EDM's deterministic 2nd-order Heun sampler (Karras et al., 2022, Alg. 1 with S_churn = 0).
+Churn = tuple[float, float, float | None, float]  # (S_churn, S_min, S_max or None: ∞, S_noise)
+
+
+def heun(formulation: Formulation, denoise: Denoiser, x: Tensor, grid: Tensor, *, seeds=None,
+         churn: Churn | None = None) -> tuple[Tensor, int]:
+    """EDM's 2nd-order Heun sampler (Karras et al., 2022): Alg. 1, deterministic, or with `churn` Alg. 2.
 
     State in float64 as in edm:generate.py; the step onto t = 0 is plain Euler, so N steps cost
     2N − 1 network evaluations (18 steps = 35 NFE). Works for any path via dx/dt = α'·x̂0 + σ'·ε̂.
+    `churn` = (S_churn, S_min, S_max, S_noise), EDM formulation only (x_t = x0 + t·ε, so noise of variance
+    t̂² − t² moves x from t to t̂): for S_min ≤ t_i ≤ S_max, γ = min(S_churn/N, √2 − 1), t̂ = t_i + γ·t_i,
+    x̂ = x + √(t̂² − t_i²)·S_noise·z, then the Heun step from t̂ (`edm_sampler`). z of step i is
+    `per_sample_randn(seeds, stream=i + 1)`.
     """
     x = x.to(torch.float64)
     nfe = 0
-    for t_cur, t_next in _steps(grid):
+    steps = _steps(grid)
+    if churn is not None and churn[0] > 0 and formulation.name != "edm":
+        raise ValueError(f"EDM's stochastic sampler (S_churn > 0) needs the edm formulation, got {formulation.name}")
+    for i, (t_cur, t_next) in enumerate(steps):
+        if churn is not None and churn[0] > 0:
+            s_churn, s_min, s_max, s_noise = churn
+            gamma = min(s_churn / len(steps), math.sqrt(2) - 1) if s_min <= t_cur <= (s_max or math.inf) else 0.0
+            if gamma > 0:
+                t_hat = t_cur + gamma * t_cur
+                if seeds is None:
+                    z = torch.randn_like(x)
+                else:
+                    z = per_sample_randn(seeds, x.shape[1:], device=x.device, dtype=x.dtype, stream=i + 1)
+                x = x + math.sqrt(t_hat**2 - t_cur**2) * s_noise * z
+                t_cur = t_hat
         d_cur = formulation.drift(denoise(x, _full(t_cur, x)), t_cur)
         x_next = x + (t_next - t_cur) * d_cur
         nfe += 1
@@ -242,11 +264,13 @@ def sample(
     clip: bool | None = None,
     shift: float | None = None,
     stats: dict | None = None,
+    churn: Churn | None = None,
 ) -> Tensor:
     """Generate x0 from x_T = prior_scale·N(0, I) with one of `formulation.samplers`.
 
     sampler None → the formulation's default; steps None → its default for that sampler.
     clip None → `formulation.clip_x0` (True for pixel DDPM and EDM, as DDAE). shift: RF grids only.
+    churn: EDM's stochastic Heun (`heun`), (S_churn, S_min, S_max, S_noise); None or S_churn 0: deterministic.
     `stats`, when given, receives {"sampler", "steps", "nfe"}. Returns x0 in x_T's dtype.
     """
     sampler = formulation.samplers[0] if sampler is None else sampler
@@ -255,7 +279,12 @@ def sample(
         raise ValueError(f"{len(seeds)} seeds for a batch of {x_T.shape[0]}")
     if formulation.clip_x0 if clip is None else clip:
         denoise = clipped(formulation, denoise)
-    x0, nfe = SAMPLERS[sampler](formulation, denoise, x_T, grid, seeds=seeds)
+    if churn is not None and churn[0] > 0:  # EDM's stochastic sampler (Alg. 2): Heun with churn
+        if sampler != "heun":
+            raise ValueError(f"S_churn > 0 (EDM's stochastic sampler) needs the heun sampler, got {sampler}")
+        x0, nfe = heun(formulation, denoise, x_T, grid, seeds=seeds, churn=churn)
+    else:
+        x0, nfe = SAMPLERS[sampler](formulation, denoise, x_T, grid, seeds=seeds)
     if stats is not None:
         stats.update(sampler=sampler, steps=len(grid) - 1 if sampler != "rk45" else None, nfe=nfe)
     return x0.to(x_T.dtype)
