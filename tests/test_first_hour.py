@@ -266,6 +266,15 @@ def test_threads_option(tmp_path, monkeypatch):
     assert r.returncode == 2 and r.output.strip() == "error: --threads must be 1 or more, got 0"
 
 
+def test_every_computing_command_takes_threads():
+    """Each command that trains, samples, encodes or evaluates with torch has --threads (help lists it)."""
+    computing = ["train", "sample", "probe", "cka", "align", "noisy-classifier", "fid", "segprobe", "profile-layers",
+                 "cache-latents"]
+    for name in computing:
+        r = cli_inprocess(name, "--help")
+        assert r.returncode == 0 and "--threads" in r.output, name
+
+
 # ------------------------------------------------------------------------------------------------
 # ddaepp info RUN --plot
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from .base import command, emit_json, json_option, resolve_recipe_path
+from .base import command, emit_json, json_option, resolve_recipe_path, threads_option
+from ..threads import use_threads
 
 
 @command("profile-layers", epilog="Example: ddaepp profile-layers imagenet256_rf_ditb_cond --candidates 8-11 --epochs 20 --json | jq .best")
@@ -22,12 +23,14 @@ def profile_layers(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Folder of the runs (default runs/<recipe>-profile); re-running resumes."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Loss-curve PNG (default <run-dir>/loss_curves.png)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set train.global_batch=256 (repeatable)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option("Print one JSON object on stdout (`best` is the chosen layer)."),
 ) -> None:
     """Short runs with self-conditioning at each candidate layer plus the baseline; the lowest final loss wins."""
     from ..recipe import load_recipe
 
     rec = load_recipe(resolve_recipe_path(recipe), list(set_))  # before torch: a wrong path is answered at once
+    use_threads(threads)
     from ..training.profile import format_table, profile_layers as run_profile
 
     folder = run_dir or Path("runs") / f"{rec.name}-profile"
@@ -68,9 +71,11 @@ def cache_latents(
     moments: bool = typer.Option(False, "--moments", help="Store each posterior's mean and std (twice the disk) "
                                  "instead of one sample, for recipes that draw a fresh latent every step "
                                  "(data.latent_posterior: per_step; the SRA recipes)."),
+    threads: Optional[int] = threads_option(),
     json_out: bool = json_option(),
 ) -> None:
     """Encode an image folder with a VAE into sharded latents (image and mirror) plus per-channel statistics."""
+    use_threads(threads)
     from ..data.latents import cache_latents as run_cache
     from ..data.vae import resolve_vae
 
