@@ -129,7 +129,8 @@ def test_selfcond_starts_as_the_baseline():
     ("dit_orig", "rf", None)])
 def test_each_backbone_gets_its_papers_time_input(backbone, formulation, expect):
     """DiT (both layouts) embeds the integer step 0…999 under DDPM, the DDAE UNet t/T, SiT raw t ∈ [0, 1]."""
-    sets = [f"model={{backbone: {backbone}}}", f"diffusion={{formulation: {formulation}}}", "data.dataset=digits"]
+    sets = [f"model={{backbone: {backbone}}}", f"diffusion={{formulation: {formulation}}}", "data.dataset=digits",
+            "sample.s_churn=0"]  # the quickstart's stochastic Heun is EDM's
     f = build_formulation(load_recipe(RECIPES / "quickstart.yaml", sets))
     t = torch.tensor([1.0, 11.0, 1000.0]) if formulation == "ddpm" else torch.tensor([0.0, 0.25, 1.0])
     want = {"index": t - 1, "fraction": t / 1000, None: t}[expect]

@@ -432,7 +432,8 @@ class Recipe:
                              f"(null: none) >= s_min; got {s.s_churn}, {s.s_min}, {s.s_noise}, {s.s_max}")
         if s.s_churn > 0 and (self.diffusion.formulation != "edm" or s.sampler not in (None, "heun")):
             raise UsageError(f"sample.s_churn > 0 (EDM's stochastic sampler) needs diffusion.formulation: edm and "
-                             f"sample.sampler: heun; got {self.diffusion.formulation}, {s.sampler or 'the default'}")
+                             f"sample.sampler: heun; got {self.diffusion.formulation}, {s.sampler or 'the default'} "
+                             f"(for another formulation or sampler add --set sample.s_churn=0)")
         if s.cfg_scale != 1.0 and getattr(m, "num_classes", 0) == 0:
             raise UsageError("sample.cfg_scale != 1 needs a class-conditional model (model.backbone: dit or "
                              "dit_orig, model.num_classes > 0)")
