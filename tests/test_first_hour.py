@@ -61,6 +61,8 @@ def test_refusals_come_before_torch_is_imported(tmp_path):
         (["probe", str(tmp_path / "not_a_run")], "holds no checkpoint"),
         (["sample", str(tmp_path / "notes.txt"), "--n", "4"], "is not a run folder, checkpoint folder or .safetensors"),
         (["sample", "not-a-run", "--n", "4"], "no such run or checkpoint"),
+        (["sample", "not-a-run", "--seeds", "0-3"], "no such run or checkpoint"),
+        (["export", "not-a-run", str(tmp_path / "o"), "--to", "diffusers"], "no such run or checkpoint"),
         (["cka", "not-a-run"], "no such run or checkpoint"),
         (["cka", str(QUICKSTART.parent), "not-a-run"], "holds no checkpoint"),
         (["align", "not-a-run"], "no such run or checkpoint"),
@@ -99,9 +101,9 @@ def test_every_command_taking_a_run_is_among_the_refusals():
     takes_run = set()
     for c in app.registered_commands:
         params = inspect.signature(c.callback).parameters
-        if "run_or_ckpt" in params or "samples_or_run" in params:
+        if "run_or_ckpt" in params or "samples_or_run" in params or c.name == "export":
             takes_run.add(c.name or c.callback.__name__.replace("_", "-"))
-    assert takes_run == {"probe", "sample", "cka", "noisy-classifier", "segprobe", "fid"}
+    assert takes_run == {"probe", "sample", "cka", "noisy-classifier", "segprobe", "fid", "export"}
 
 
 def test_a_refusal_answers_within_two_seconds():

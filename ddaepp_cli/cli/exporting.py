@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .base import command, emit_json, json_option, run_argument, weights_option
+from .base import check_run_or_ckpt, command, emit_json, json_option, run_argument, weights_option
 from ..errors import UsageError
 
 TARGETS = ("diffusers",)
@@ -26,6 +26,7 @@ def export_cmd(
     """Write a dit_orig DDPM run (DiT, DiT-SRA, an imported DiT) as a diffusers DiTTransformer2DModel / DiTPipeline folder."""
     if to not in TARGETS:
         raise UsageError(f"unknown --to {to!r}; valid: {', '.join(TARGETS)}")
+    check_run_or_ckpt(str(run))  # before torch: a wrong path is answered at once
     from ..importers.diffusers_dit import export_run
 
     result = export_run(run, out, weights=weights)

@@ -188,13 +188,13 @@ def sample(
         raise UsageError("give exactly one of --n N or --seeds A-B")
     if n is not None and n <= 0:
         raise UsageError(f"--n must be positive, got {n}")
-    if seeds is not None:  # seeding.py imports torch: only a --seeds command pays for it before the checks
+    check_run_or_ckpt(run_or_ckpt)  # before torch (seeding.py imports it): a wrong path is answered at once
+    if seeds is not None:
         from ..seeding import parse_seeds
 
         seed_list = parse_seeds(seeds)
     else:
         seed_list = list(range(n))
-    check_run_or_ckpt(run_or_ckpt)
     use_threads(threads)
     from ..sample import parse_formats, sample_command
 
