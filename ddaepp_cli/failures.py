@@ -125,6 +125,26 @@ def watch_failures() -> None:
     threading.Thread(target=attach, name="ddaepp-stop-watcher", daemon=True).start()
 
 
+def close_launch() -> None:
+    """A command that returned normally, in a launch with several processes: stop the watcher, wait for the
+    others (a process whose peer failed meanwhile is stopped there by its watcher, with the agreed line and
+    code), then destroy the process group. Left to the interpreter's exit, gloo's and NCCL's C++ threads
+    can be torn down while still joinable: the process aborts ("terminate called without an active
+    exception", exit -6) after its work is done, and the launcher reports the launch as failed."""
+    if world_size() <= 1 or "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return
+    try:
+        td.barrier()
+    finally:
+        if _channel is not None:
+            _channel.done.set()
+        td.destroy_process_group()
+
+
 def stop_together(code: int, text: str, *, wait: bool = True) -> tuple[int, str] | None:
     """Main thread of a failing process of a launch: publish (code, text) unless another process's failure
     came first, print the first one's text and return its (code, text) to exit with, after the others

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from ..errors import DdaeppError, Interrupted, UsageError
-from ..failures import lost_peer, stop_together, watch_failures, world_size
+from ..failures import close_launch, lost_peer, stop_together, watch_failures, world_size
 
 
 def _help_as_flag(option):
@@ -201,7 +201,9 @@ def handle_errors(fn, name: str | None = None):
     def wrapper(*args, **kwargs):
         watch_failures()  # several processes: one's failure stops every one, with one message (failures.py)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            close_launch()  # several processes: together, then the process group is destroyed (failures.py)
+            return result
         except Interrupted as e:  # a signal, handled: "interrupted at step N; checkpoint written …"
             _exit(e.exit_code, str(e))
         except DdaeppError as e:

@@ -56,3 +56,6 @@ def main(run: str, ref: str, weights: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    from ddaepp_cli.failures import close_launch
+
+    close_launch()  # as the CLI does: no process group left to the interpreter's exit

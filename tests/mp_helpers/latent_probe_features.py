@@ -48,3 +48,6 @@ def main(ckpt: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from ddaepp_cli.failures import close_launch
+
+    close_launch()  # as the CLI does: no process group left to the interpreter's exit

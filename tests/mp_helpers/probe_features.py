@@ -54,3 +54,6 @@ def save_on_main(dist, saved: dict, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from ddaepp_cli.failures import close_launch
+
+    close_launch()  # as the CLI does: no process group left to the interpreter's exit

@@ -63,3 +63,6 @@ def main(run: str, recipe: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    from ddaepp_cli.failures import close_launch
+
+    close_launch()  # as the CLI does: no process group left to the interpreter's exit
