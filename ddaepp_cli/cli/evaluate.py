@@ -58,7 +58,7 @@ def fid(
 
     seed_list = None
     if seeds is not None:
-        from ..seeding import parse_seeds
+        from ..seedlist import parse_seeds  # torch-free
 
         seed_list = parse_seeds(seeds)
     result = run_fid(samples_or_run, ref=ref, metrics=metrics, n=n, preset=preset, seeds=seed_list,

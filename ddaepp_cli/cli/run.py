@@ -188,13 +188,13 @@ def sample(
         raise UsageError("give exactly one of --n N or --seeds A-B")
     if n is not None and n <= 0:
         raise UsageError(f"--n must be positive, got {n}")
-    check_run_or_ckpt(run_or_ckpt)  # before torch (seeding.py imports it): a wrong path is answered at once
     if seeds is not None:
-        from ..seeding import parse_seeds
+        from ..seedlist import parse_seeds  # torch-free
 
         seed_list = parse_seeds(seeds)
     else:
         seed_list = list(range(n))
+    check_run_or_ckpt(run_or_ckpt)  # before torch: a wrong path is answered at once
     use_threads(threads)
     from ..sample import parse_formats, sample_command
 
