@@ -394,3 +394,21 @@ def test_sra_and_contrastive_two_processes_match_one(tmp_path, monkeypatch):
         r2 = subprocess.run(cmd, capture_output=True, text=True, env={**e, **env}, timeout=600, cwd=ROOT)
         assert r2.returncode == 0, r2.stdout + r2.stderr
         _compare_runs(one, two, keys, steps)
+
+
+@pytest.mark.slow
+def test_stochastic_heun_two_processes_match_one(tmp_path):
+    """EDM's stochastic sampler (sample.s_churn, the quickstart's) draws its per-step noise from the seeds:
+    `sample` on 2 processes writes the images 1 process writes."""
+    text = (TINY.replace("diffusion: {formulation: ddpm}", "diffusion: {formulation: edm}")
+            .replace("sample: {sampler: ddim, steps: 5, batch_size: 16}",
+                     "sample: {sampler: heun, steps: 6, batch_size: 16, s_churn: 40, s_min: 0.05, s_max: 50, "
+                     "s_noise: 1.003}"))
+    assert "s_churn: 40" in text
+    one = tmp_path / "one"
+    save_random_checkpoint(one, text)
+    check_samples(tmp_path, one)
+    r = run_cli("sample", one, "--seeds", "0-5", "--out", tmp_path / "alg1", "--format", "npz", "--churn", "0")
+    assert r.returncode == 0, r.stderr
+    assert not np.array_equal(np.load(tmp_path / "alg1" / "samples.npz")["arr_0"],
+                              np.load(tmp_path / "s1" / "samples.npz")["arr_0"])  # the churn was applied
