@@ -229,15 +229,19 @@ def _from_hf_cache(weight: Weight) -> Optional[Path]:
         return None
 
 
-def download_commands(weight: Weight) -> str:
-    """The commands that fetch `weight`: ddaepp's own (the current command with --download) and the Hub CLI's."""
+def _rerun() -> str:
+    """ddaepp's own way to fetch: the current command with --download (or again, where that failed)."""
     argv = sys.argv[1:]
     if "--download" in argv:  # it was asked for and failed (offline, no network)
-        rerun = "it again where the Hub can be reached (HF_HUB_OFFLINE unset)"
-    elif Path(sys.argv[0]).name in ("ddaepp", "__main__.py") and argv:
-        rerun = f"`{shlex.join(['ddaepp', *argv, '--download'])}`"
-    else:
-        rerun = "the same ddaepp command with --download"
+        return "it again where the Hub can be reached (HF_HUB_OFFLINE unset)"
+    if Path(sys.argv[0]).name in ("ddaepp", "__main__.py") and argv:
+        return f"`{shlex.join(['ddaepp', *argv, '--download'])}`"
+    return "the same ddaepp command with --download"
+
+
+def download_commands(weight: Weight) -> str:
+    """The commands that fetch `weight`: ddaepp's own (the current command with --download) and the Hub CLI's."""
+    rerun = _rerun()
     if weight.repo_id is None:
         return f"run {rerun} (fetches {weight.url})"
     rev = f" --revision {weight.revision}" if weight.revision else ""
@@ -311,15 +315,8 @@ def parse_hf_folder(spec: str) -> tuple[str, Optional[str]]:
 
 
 def folder_commands(repo_id: str, revision: Optional[str]) -> str:
-    argv = sys.argv[1:]
-    if "--download" in argv:
-        rerun = "it again where the Hub can be reached (HF_HUB_OFFLINE unset)"
-    elif Path(sys.argv[0]).name in ("ddaepp", "__main__.py") and argv:
-        rerun = f"`{shlex.join(['ddaepp', *argv, '--download'])}`"
-    else:
-        rerun = "the same ddaepp command with --download"
     rev = f" --revision {revision}" if revision else ""
-    return (f"run {rerun}, or `hf download {repo_id}{rev}` (older huggingface_hub: "
+    return (f"run {_rerun()}, or `hf download {repo_id}{rev}` (older huggingface_hub: "
             f"`huggingface-cli download {repo_id}{rev}`)")
 
 
