@@ -57,3 +57,10 @@ def test_ci_installs_as_the_readme_says():
     assert 'pip install -e ".[test]"' in readme and 'pip install -e ".[test]"' in ci
     assert "pytest -n 2" in readme and "pytest -n 2" in ci
     assert "import torchvision" in ci
+
+
+def test_passing_tests_do_not_leave_run_folders_on_disk(pytestconfig):
+    # The suite writes ~7 GB of run folders; a CI run once died of ENOSPC because earlier
+    # sessions' folders were kept. A passing test's tmp_path must be deleted when it ends.
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    assert int(pytestconfig.getini("tmp_path_retention_count")) <= 1
