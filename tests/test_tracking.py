@@ -343,7 +343,8 @@ def test_dry_run_names_the_trackers(tiny_recipe):
 
 @pytest.mark.slow
 def test_two_processes_log_once(tiny_recipe, tmp_path):
-    """torchrun, 2 CPU processes (gloo): rank 0 alone writes the one event file; its scalars are metrics.jsonl's."""
+    """torchrun, 2 CPU processes (gloo): rank 0 alone writes the one event file; its scalars are metrics.jsonl's;
+    a 2-process `probe --log-to-run` adds its accuracy once."""
     from test_multiprocess import torchrun
 
     run = tmp_path / "run"
@@ -353,6 +354,15 @@ def test_two_processes_log_once(tiny_recipe, tmp_path):
     ea = events(run)
     assert_scalars_equal_metrics(ea, run)
     assert [g.step for g in ea.Images(tracking.GRID_KEY)] == [4, 6]
+
+    # `--log-to-run` under the same launch: rank 0 alone logs, once, at the checkpoint's step
+    r = torchrun("probe", run, "--log-to-run", "--layers", "out_1", "--timesteps", 11, "--epochs", 1, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    acc = json.loads(r.stdout)["test_accuracy"]
+    assert r.stderr.count("logged eval/probe_acc at step 6 to tensorboard") == 1, r.stderr
+    ea = events(run)
+    assert [(e.step, e.value) for e in ea.Scalars("eval/probe_acc")] == [(6, pytest.approx(acc, rel=1e-6))]
+    assert_scalars_equal_metrics(ea, run)
 
 
 def test_tracker_extras_are_declared_and_in_the_test_extra():
