@@ -19,6 +19,15 @@ uint8 rounding). Measures:
   label entropy     entropy of the samples' predicted labels ÷ log 10 (1: all ten digits equally
                     often; target ≥ 0.9)
 
+and, without a target, what a sampler tuned for legibility could cost:
+
+  spread            the mean distance between two samples given the same label (averaged over the
+                    labels), ÷ the same for the held-out real digits: below 1, less varied digits
+  nearest train     the median distance from a sample to its nearest `train` digit, ÷ the same for
+                    the held-out real digits: near 0, copies of the training set
+
+(distances: Euclidean, in the classifier's 8×8, 0..16 space).
+
 Input: a folder written by `ddaepp sample` (its `samples.npz`, else its `NNNNNN.png` files), an
 `.npz` with `arr_0` (N×H×W or N×H×W×1 uint8), or a run folder / checkpoint, which is sampled
 first with `ddaepp sample`'s defaults (EMA weights, the recipe's sampler; seeds 0..N-1, `--n`) into
@@ -161,7 +170,8 @@ def load_samples(path: Path, n: int) -> tuple[np.ndarray, str]:
 
 @functools.lru_cache(maxsize=1)
 def digits_classifier():
-    """(SVC fitted on the digits `train` split, held-out X, held-out y). Deterministic (random_state=0)."""
+    """(SVC fitted on the digits `train` split, held-out X, held-out y, train X). Deterministic
+    (random_state=0)."""
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
 
@@ -172,7 +182,7 @@ def digits_classifier():
     with warnings.catch_warnings():  # scikit-learn 1.9 deprecates probability=True (Platt scaling), still SVC's
         warnings.simplefilter("ignore", FutureWarning)
         svc = SVC(kernel="rbf", probability=True, random_state=0).fit(bunch.data[train], bunch.target[train])
-    return svc, bunch.data[test], bunch.target[test]
+    return svc, bunch.data[test], bunch.target[test], bunch.data[train]
 
 
 def verdict(probs: np.ndarray) -> dict:
@@ -186,13 +196,41 @@ def verdict(probs: np.ndarray) -> dict:
             "label_entropy": entropy}
 
 
+def spread(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean pairwise distance of the rows of x (N, 64) that share a label, averaged over the labels
+    held by at least two rows (nan when none is)."""
+    means = []
+    for c in np.unique(labels):
+        g = x[labels == c]
+        if len(g) > 1:
+            d = np.sqrt(((g[:, None] - g[None]) ** 2).sum(-1))
+            means.append(d.sum() / (len(g) * (len(g) - 1)))
+    return float(np.mean(means)) if means else math.nan
+
+
+def nearest_distance(x: np.ndarray, reference: np.ndarray) -> float:
+    """Median over the rows of x of the distance to the nearest row of `reference`."""
+    d2 = (x ** 2).sum(1)[:, None] - 2 * x @ reference.T + (reference ** 2).sum(1)[None]
+    return float(np.median(np.sqrt(np.maximum(d2.min(1), 0.0))))
+
+
+def diversity(x: np.ndarray, labels: np.ndarray) -> dict:
+    """`spread` and `nearest train` (module docstring) of 8×8 images x (N, 64) with predicted labels."""
+    _, _, _, x_train = digits_classifier()
+    return {"spread": spread(x, labels), "nearest_train": nearest_distance(x, x_train)}
+
+
 def measure(images: np.ndarray) -> dict:
     """Every number of the benchmark for uint8 sample images (N, S, S)."""
-    svc, x_test, y_test = digits_classifier()
+    svc, x_test, y_test, _ = digits_classifier()
     real_probs = svc.predict_proba(x_test)
     real = verdict(real_probs)
     real["accuracy"] = float((svc.classes_[real_probs.argmax(1)] == y_test).mean())
-    samples = verdict(svc.predict_proba(to_digits(images)))
+    real.update(diversity(x_test, real_probs.argmax(1)))
+    x = to_digits(images)
+    probs = svc.predict_proba(x)
+    samples = verdict(probs)
+    samples.update(diversity(x, probs.argmax(1)))
     ratio = samples["confident_share"] / real["confident_share"]
     rows = {"ratio": ratio, "entropy": samples["label_entropy"]}
     return {
@@ -204,6 +242,8 @@ def measure(images: np.ndarray) -> dict:
         "real_held_out": real,
         "ratio": ratio,
         "label_entropy": samples["label_entropy"],
+        "spread_ratio": samples["spread"] / real["spread"],
+        "nearest_train_ratio": samples["nearest_train"] / real["nearest_train"],
         "targets": {k: {"op": ">=", "value": v, "met": bool(rows[k] >= v)} for k, v in TARGETS.items()},
         "met": all(rows[k] >= v for k, v in TARGETS.items()),
     }
@@ -226,6 +266,10 @@ def print_table(res: dict, source: str) -> None:
     table.add_row("label entropy ÷ log 10", f"{s['label_entropy']:.3f}", f"{r['label_entropy']:.3f}",
                   f"{s['label_entropy']:.3f}", f"≥ {TARGETS['entropy']}", yes[res["targets"]["entropy"]["met"]])
     table.add_row("mean top probability", f"{s['mean_confidence']:.3f}", f"{r['mean_confidence']:.3f}", "", "", "")
+    table.add_row("spread within a label", f"{s['spread']:.1f}", f"{r['spread']:.1f}", f"{res['spread_ratio']:.3f}",
+                  "", "")
+    table.add_row("nearest train digit", f"{s['nearest_train']:.1f}", f"{r['nearest_train']:.1f}",
+                  f"{res['nearest_train_ratio']:.3f}", "", "")
     table.add_row("labels 0..9", " ".join(map(str, s["label_counts"])), " ".join(map(str, r["label_counts"])),
                   "", "", "")
     Console(width=max(120, Console().width)).print(table)

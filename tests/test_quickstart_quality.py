@@ -69,6 +69,8 @@ def test_real_digits_score_one_and_noise_zero(tmp_path, capsys):
     assert 0.9 <= res["ratio"] <= 1.1
     assert res["label_entropy"] > 0.95 and min(res["samples"]["label_counts"]) > 0
     assert res["met"] and all(t["met"] for t in res["targets"].values())
+    # 64 held-out digits against all 355: as varied, as far from the training set
+    assert 0.85 <= res["spread_ratio"] <= 1.15 and 0.85 <= res["nearest_train_ratio"] <= 1.15
 
     g = torch.Generator().manual_seed(0)
     noise = _write_samples(torch.randint(0, 256, (64, 1, 12, 12), generator=g, dtype=torch.uint8),
@@ -81,6 +83,27 @@ def test_real_digits_score_one_and_noise_zero(tmp_path, capsys):
     assert qq.main([str(real / "samples.npz")]) == 0  # the table
     out = capsys.readouterr().out
     assert "ratio ≥ 0.9" in out and "targets met" in out, out
+
+
+def test_diversity_sees_copies_and_collapse():
+    """Training digits handed in as samples sit at distance ~0 from the training set; one image repeated
+    has no spread; `spread` and `nearest_distance` are what their docstrings say."""
+    from sklearn.datasets import load_digits
+
+    from ddaepp_cli.data.datasets import digits_split_indices
+
+    bunch = load_digits()
+    train = bunch.data[digits_split_indices(bunch.target, "train")][:64]
+    as_uint8 = np.round(train * (255 / 16)).astype(np.uint8).reshape(64, 8, 8)  # how `sample` stores 0..16
+    copied = qq.measure(as_uint8)
+    assert copied["samples"]["nearest_train"] < 0.1 and copied["nearest_train_ratio"] < 0.01
+    assert 0.7 < copied["spread_ratio"] < 1.3  # real digits, just not new ones
+    collapsed = qq.measure(np.repeat(as_uint8[:1], 64, axis=0))  # one digit, 64 times
+    assert collapsed["samples"]["spread"] == 0.0 and collapsed["spread_ratio"] == 0.0
+    x = np.random.default_rng(0).uniform(0, 16, (50, 64))
+    assert qq.spread(x, np.zeros(50, int)) == pytest.approx(
+        np.mean([np.linalg.norm(x[i] - x[j]) for i in range(50) for j in range(50) if i != j]))
+    assert qq.nearest_distance(x[:5], x) == 0.0 and np.isnan(qq.spread(x[:3], np.arange(3)))
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "color", "tiny", "txt"])
